@@ -1,0 +1,31 @@
+r"""Segment a dataset split with the multilevel clustering method.
+
+  python -m experiments.segment --config=configs/demo.py --workdir=/tmp/jaxseg_demo
+"""
+
+import pathlib
+
+from absl import app
+from absl import flags
+from absl import logging
+from ml_collections import config_flags
+
+from experiments.common import config_fields
+
+_DEFAULT_CONFIG = pathlib.Path(__file__).resolve().parents[1] / "configs" / "demo.py"
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", str(_DEFAULT_CONFIG), "Path to an ml_collections config file (configs/*.py). Override any field with "
+    "--config.FIELD=VALUE; the fields are: " + ", ".join(config_fields(_DEFAULT_CONFIG)), lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for features, predictions, metrics and the gallery.")
+flags.mark_flags_as_required(["workdir"])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  logging.info("workdir: %s", _WORKDIR.value)
+  logging.info("config:\n%s", _CONFIG.value)
+
+
+if __name__ == "__main__":
+  app.run(main)

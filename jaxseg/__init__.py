@@ -1,0 +1,7 @@
+"""jaxseg: unsupervised semantic segmentation without training, in JAX.
+
+Submodules: models (DINO/DINOv2 ViTs), cluster (k-means), crf (dense CRF),
+framework (the multilevel method), metrics, data (TFDS builders, I/O), viz.
+"""
+
+__version__ = "0.1.0"

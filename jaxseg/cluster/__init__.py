@@ -1,0 +1,1 @@
+"""k-means: batched, vmappable, masked, and streamed at dataset scale."""

@@ -1,0 +1,1 @@
+"""Fully connected CRF with a permutohedral lattice, in pure JAX."""

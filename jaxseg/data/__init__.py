@@ -1,0 +1,1 @@
+"""Datasets (TFDS builders for VOC and COCO, image folders) and batching. All I/O lives here."""

@@ -1,0 +1,1 @@
+"""The multilevel clustering method: dataset, category and image levels, fusion, refinement, labeling."""

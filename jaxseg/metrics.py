@@ -1,0 +1,1 @@
+"""Confusion matrix, Hungarian matching and mIoU."""

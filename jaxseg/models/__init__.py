@@ -1,0 +1,1 @@
+"""DINO and DINOv2 Vision Transformers in Flax, with checkpoint conversion."""

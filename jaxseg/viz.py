@@ -1,0 +1,1 @@
+"""Palettes, overlays and galleries."""
