@@ -1,0 +1,143 @@
+"""k-means at dataset scale in bounded memory: a reservoir sample of a stream, then chunked assignment.
+
+    state = reservoir_sample(chunks(), budget=1_000_000, key=key)
+    result = reservoir_kmeans(state, k, key=key2)
+    for labels in assign_chunks(chunks(), result.centroids): ...
+
+Peak memory depends on the budget and the chunk size, not on the number of points.
+A chunk is an [B, D] array or a (x [B, D], mask [B] bool) pair. Chunks shorter
+than the first are padded to its size (and the padding masked), so each
+function compiles once.
+"""
+
+import functools
+from collections.abc import Iterable, Iterator
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from jaxseg.cluster.kmeans import KMeansResult
+from jaxseg.cluster.kmeans import assign
+from jaxseg.cluster.kmeans import kmeans
+
+Chunk = jax.Array | tuple[jax.Array, jax.Array]
+
+
+class ReservoirState(NamedTuple):
+  """A uniform sample without replacement of the valid points streamed so far.
+
+  Every valid point gets a random 31-bit priority; the sample is the `budget`
+  points of highest priority (bottom-k sampling), which is uniform over all
+  points seen however they were batched.
+
+  Attributes:
+    points: [budget, D] float32 sampled points (zeros in unfilled slots).
+    priorities: [budget] uint32, 0 marks an unfilled slot.
+    n_seen: [] uint32 number of valid points streamed so far.
+  """
+  points: jax.Array
+  priorities: jax.Array
+  n_seen: jax.Array
+
+  @property
+  def mask(self) -> jax.Array:
+    """[budget] bool, True for filled slots."""
+    return self.priorities > 0
+
+
+def reservoir_init(budget: int, dim: int) -> ReservoirState:
+  """An empty reservoir holding up to `budget` points of `dim` features."""
+  if budget < 1 or dim < 1:
+    raise ValueError(f"reservoir_init: budget and dim must be >= 1, got {budget}, {dim}.")
+  return ReservoirState(jnp.zeros((budget, dim), jnp.float32), jnp.zeros(budget, jnp.uint32),
+                        jnp.zeros((), jnp.uint32))
+
+
+@jax.jit
+def reservoir_add(state: ReservoirState, x: jax.Array, *, key: jax.Array,
+                  mask: jax.Array | None = None) -> ReservoirState:
+  """Streams a batch through the reservoir.
+
+  Args:
+    state: the reservoir so far.
+    x: [B, D] new points.
+    key: PRNG key, a different one for every batch.
+    mask: [B] bool, False = padding (never sampled, not counted).
+
+  Returns:
+    The reservoir over everything seen, still of size budget.
+  """
+  budget, dim = state.points.shape
+  if x.ndim != 2 or x.shape[1] != dim:
+    raise ValueError(f"reservoir_add: x must be [B, {dim}], got shape {x.shape}.")
+  valid = jnp.ones(x.shape[0], bool) if mask is None else mask.astype(bool)
+  if valid.shape != x.shape[:1]:
+    raise ValueError(f"reservoir_add: mask must be [B] = {x.shape[:1]}, got shape {valid.shape}.")
+  # Odd priorities for valid points so that 0 can mean "nothing here".
+  new_priorities = jnp.where(valid, jax.random.bits(key, x.shape[:1], jnp.uint32) | 1, 0)
+  priorities, index = jax.lax.top_k(jnp.concatenate([state.priorities, new_priorities]), budget)
+  from_batch = index >= budget
+  points = jnp.where(from_batch[:, None], x[jnp.clip(index - budget, 0, x.shape[0] - 1)].astype(jnp.float32),
+                     state.points[jnp.minimum(index, budget - 1)])
+  n_seen = state.n_seen + jnp.sum(valid, dtype=jnp.uint32)
+  return ReservoirState(points, priorities, n_seen)
+
+
+def _padded_chunks(chunks: Iterable[Chunk]) -> Iterator[tuple[jax.Array, jax.Array, int]]:
+  """Yields (x [B, D], mask [B], n_rows) with every chunk padded to the first chunk's B."""
+  size = None
+  for i, chunk in enumerate(chunks):
+    x, mask = chunk if isinstance(chunk, tuple) else (chunk, None)
+    x = jnp.asarray(x)
+    if x.ndim != 2:
+      raise ValueError(f"chunk {i}: x must be [B, D], got shape {x.shape}.")
+    n = x.shape[0]
+    mask = jnp.ones(n, bool) if mask is None else jnp.asarray(mask, bool)
+    if mask.shape != (n,):
+      raise ValueError(f"chunk {i}: mask must be [B] = ({n},), got shape {mask.shape}.")
+    size = n if size is None else size
+    if n < size:
+      x = jnp.pad(x, ((0, size - n), (0, 0)))
+      mask = jnp.pad(mask, (0, size - n))
+    yield x, mask, n
+
+
+def reservoir_sample(chunks: Iterable[Chunk], budget: int, *, key: jax.Array,
+                     state: ReservoirState | None = None) -> ReservoirState:
+  """Uniform sample without replacement of at most `budget` valid points from a stream of chunks.
+
+  Args:
+    chunks: iterable of [B, D] arrays or (x, mask) pairs, consumed once.
+    budget: sample size.
+    key: PRNG key; chunk i uses fold_in(key, i).
+    state: a reservoir to continue; None starts an empty one of dim D.
+
+  Returns:
+    The reservoir after the whole stream.
+  """
+  for i, (x, mask, _) in enumerate(_padded_chunks(chunks)):
+    if state is None:
+      state = reservoir_init(budget, x.shape[1])
+    state = reservoir_add(state, x, key=jax.random.fold_in(key, i), mask=mask)
+  if state is None:
+    raise ValueError("reservoir_sample: the stream of chunks is empty.")
+  return state
+
+
+def reservoir_kmeans(state: ReservoirState, k: int, *, key: jax.Array, **kmeans_kwargs) -> KMeansResult:
+  """`kmeans` on the sampled points; unfilled slots are masked (label -1).
+
+  kmeans_kwargs: n_init, max_iter, tol, metric, init as for `kmeans`.
+  """
+  return kmeans(state.points, k, key=key, mask=state.mask, **kmeans_kwargs)
+
+
+_assign = jax.jit(assign, static_argnames="metric")
+
+
+def assign_chunks(chunks: Iterable[Chunk], centroids: jax.Array,
+                  metric: str = "euclidean") -> Iterator[jax.Array]:
+  """Yields [B] int32 labels (nearest centroid, -1 where masked) for every chunk of a stream, in order."""
+  for x, mask, n in _padded_chunks(chunks):
+    yield _assign(x, centroids, metric, mask=mask)[:n]
