@@ -1,7 +1,14 @@
 """Helpers shared by the absl binaries."""
 
 import importlib.util
+import io
+import json
+import os
 import pathlib
+import tempfile
+
+import numpy as np
+import PIL.Image
 
 
 def load_config_file(path: str | pathlib.Path):
@@ -22,3 +29,54 @@ def config_fields(path: str | pathlib.Path) -> list[str]:
       else:
         yield f"{prefix}{key}"
   return sorted(walk(load_config_file(path).to_dict(), ""))
+
+
+def atomic_write_bytes(path: str | pathlib.Path, data: bytes) -> None:
+  """Writes data to path so that readers see the old file or the whole new one, never a part."""
+  path = pathlib.Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+  try:
+    with os.fdopen(fd, "wb") as f:
+      f.write(data)
+      f.flush()
+      os.fsync(f.fileno())
+    os.replace(tmp, path)
+  except BaseException:
+    pathlib.Path(tmp).unlink(missing_ok=True)
+    raise
+
+
+def save_npz(path: str | pathlib.Path, **arrays) -> None:
+  """np.savez, written atomically."""
+  buffer = io.BytesIO()
+  np.savez(buffer, **arrays)
+  atomic_write_bytes(path, buffer.getvalue())
+
+
+def load_npz(path: str | pathlib.Path) -> dict[str, np.ndarray]:
+  with np.load(path, allow_pickle=False) as f:
+    return {k: f[k] for k in f.files}
+
+
+def save_json(path: str | pathlib.Path, obj) -> None:
+  atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+
+
+def save_png(path: str | pathlib.Path, array: np.ndarray, palette: np.ndarray | None = None) -> None:
+  """Writes a uint8 image ([H, W] or [H, W, 3]) as PNG atomically; with a palette [256, 3] as a palette PNG."""
+  array = np.ascontiguousarray(array, np.uint8)
+  if palette is None:
+    image = PIL.Image.fromarray(array)
+  else:
+    image = PIL.Image.frombytes("P", (array.shape[1], array.shape[0]), array.tobytes())
+    image.putpalette(np.asarray(palette, np.uint8).reshape(-1).tolist())
+  buffer = io.BytesIO()
+  image.save(buffer, format="PNG")
+  atomic_write_bytes(path, buffer.getvalue())
+
+
+def read_png_indices(path: str | pathlib.Path) -> np.ndarray:
+  """Reads a (palette) PNG as its indices: uint8 [H, W]."""
+  with PIL.Image.open(path) as image:
+    return np.array(image)

@@ -1,0 +1,44 @@
+"""Fields shared by every segmentation config; each configs/*.py starts from get_base_config()."""
+
+import ml_collections
+
+def get_base_config() -> ml_collections.ConfigDict:
+  config = ml_collections.ConfigDict()
+  config.seed = 0
+  config.image_size = 448  # multiple of the patch size
+  config.batch_size = 8
+
+  config.model = ml_collections.ConfigDict()
+  config.model.variant = "dinov2_vits14"
+  config.model.weights = "hf"  # "hf", "meta", a local file, or "random" (smoke runs only: meaningless masks)
+  config.model.dtype = "float32"  # "bfloat16" on GPU
+  config.model.cache_dir = ""  # default ~/.cache/jaxseg
+
+  config.data = ml_collections.ConfigDict()
+  config.data.name = "voc_seg"  # voc_seg, coco_object, folder:/path, skimage
+  config.data.split = "val"
+  config.data.data_dir = "~/tensorflow_datasets"
+  config.data.manual_dir = ""
+  config.data.limit = 0  # first N images; 0 = all
+
+  config.method = ml_collections.ConfigDict()
+  config.method.feature = "k"  # last block's q, k, v or output tokens
+  config.method.dataset_k = 2
+  config.method.fg_prior = "border"  # border or attention
+  config.method.num_categories = 20
+  config.method.fusion = "vote"  # vote, intersection or mean
+  config.method.descriptor = "crop"  # crop, masked or pooled
+  config.method.min_region_area = 0  # 0: one region per image (the whole mask); > 0: connected components of at least this many pixels
+  config.method.num_classes = 20
+  config.method.sample_budget = 1_000_000  # patches sampled for the dataset-level k-means
+
+  config.crf = ml_collections.ConfigDict()
+  config.crf.iterations = 10
+  config.crf.gaussian_sxy = 1.0
+  config.crf.gaussian_weight = 3.0
+  config.crf.bilateral_sxy = 67.0
+  config.crf.bilateral_srgb = 3.0
+  config.crf.bilateral_weight = 4.0
+
+  config.gallery_size = 48  # images shown in gallery.html, worst first
+  return config
