@@ -1,0 +1,130 @@
+"""Fixed-shape, padded, sharded, prefetched numpy batches from any indexable source."""
+
+import collections
+import concurrent.futures
+import math
+import os
+from collections.abc import Iterator, Sequence
+
+import numpy as np
+from PIL import Image
+
+IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
+IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
+
+
+def normalize_images(images):
+  """uint8 (or float in [0, 255]) [..., 3] -> float32 ImageNet-normalised (x / 255 - mean) / std.
+
+  Works on numpy and jax arrays alike.
+  """
+  return (images.astype(np.float32) / np.float32(255.0) - IMAGENET_MEAN) / IMAGENET_STD
+
+
+def resize_image(image: np.ndarray, image_size: int) -> np.ndarray:
+  """uint8 [H, W, 3] -> uint8 [S, S, 3], PIL bicubic (antialiased when shrinking)."""
+  return np.asarray(Image.fromarray(image).resize((image_size, image_size), Image.BICUBIC))
+
+
+def shard_indices(num_items: int, *, shard: tuple[int, int] = (0, 1),
+                  indices: Sequence[int] | None = None) -> np.ndarray:
+  """Source indices one shard visits: every count-th of `indices` (default all), from index."""
+  shard_index, shard_count = shard
+  if not (shard_count >= 1 and 0 <= shard_index < shard_count):
+    raise ValueError(f"shard={shard} must be (index, count) with 0 <= index < count.")
+  order = np.arange(num_items) if indices is None else np.asarray(indices, np.int64).reshape(-1)
+  if order.size and (order.min() < 0 or order.max() >= num_items):
+    raise ValueError(f"indices must lie in [0, {num_items}); got {order.min()}..{order.max()}.")
+  return order[shard_index::shard_count].astype(np.int64)
+
+
+def _load_item(source, index: int, image_size: int) -> dict:
+  item = source[int(index)]
+  image = item["image"]
+  return {"image": resize_image(image, image_size), "id": item["id"],
+          "size": image.shape[:2], "mask": item.get("mask")}
+
+
+def batches(source, *, batch_size: int, image_size: int, patch_size: int,
+            shard: tuple[int, int] = (0, 1), indices: Sequence[int] | None = None,
+            prefetch: int = 2, num_workers: int | None = None) -> Iterator[dict]:
+  """Yields fixed-shape batches of resized, ImageNet-normalised images.
+
+  Every shard yields the same number of batches, ceil(ceil(len(indices) / count) / batch_size),
+  so multi-host loops stay in step; missing slots are padding (valid False). Items are loaded,
+  decoded and resized by `num_workers` threads (PIL releases the GIL), up to `prefetch` batches
+  ahead; an exception in a worker is raised by the iterator, and closing the iterator early
+  cancels pending work.
+
+  Args:
+    source: sized, indexable; [i] -> {"id": str, "image": uint8 [H, W, 3], optional "mask"}.
+    batch_size: B.
+    image_size: S, the side images are resized to; a multiple of patch_size.
+    patch_size: the ViT patch size.
+    shard: (index, count): this process takes every count-th item starting at index.
+    indices: source indices to visit, in order (default all), e.g. the rest of a resumed run.
+    prefetch: batches prepared ahead of the consumer.
+    num_workers: decoding threads (default min(8, os.cpu_count())).
+
+  Yields:
+    {"image": float32 [B, S, S, 3], "valid": bool [B], "id": list of B str ("" for padding),
+     "size": int32 [B, 2] original (H, W) (0 for padding), "index": int64 [B] source index
+     (-1 for padding), "mask": list of B uint8 [H, W] original-size masks, None for padding and
+     for sources without masks}.
+  """
+  if batch_size < 1 or patch_size < 1 or image_size < 1:
+    raise ValueError(f"batch_size ({batch_size}), image_size ({image_size}) and patch_size "
+                     f"({patch_size}) must be positive.")
+  if image_size % patch_size:
+    raise ValueError(f"image_size {image_size} must be a multiple of patch_size {patch_size} "
+                     f"(e.g. {max(1, round(image_size / patch_size)) * patch_size}).")
+  if prefetch < 0:
+    raise ValueError(f"prefetch must be >= 0, got {prefetch}.")
+  total = len(source) if indices is None else len(indices)
+  order = shard_indices(len(source), shard=shard, indices=indices)
+  num_batches = math.ceil(math.ceil(total / shard[1]) / batch_size)
+  workers = num_workers or min(8, os.cpu_count() or 1)
+  return _generate(source, order, num_batches, batch_size, image_size, prefetch, workers)
+
+
+def _generate(source, order: np.ndarray, num_batches: int, batch_size: int, image_size: int,
+              prefetch: int, workers: int) -> Iterator[dict]:
+  executor = concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="jaxseg-batches")
+  pending = collections.deque()  # per batch: (source indices, futures)
+
+  def submit(batch_number: int):
+    chunk = order[batch_number * batch_size:(batch_number + 1) * batch_size]
+    pending.append((chunk, [executor.submit(_load_item, source, i, image_size) for i in chunk]))
+
+  try:
+    for batch_number in range(min(num_batches, prefetch + 1)):
+      submit(batch_number)
+    for batch_number in range(num_batches):
+      chunk, futures = pending.popleft()
+      items = [future.result() for future in futures]
+      if batch_number + prefetch + 1 < num_batches:
+        submit(batch_number + prefetch + 1)
+      yield _collate(chunk, items, batch_size, image_size)
+  finally:
+    for _, futures in pending:
+      for future in futures:
+        future.cancel()
+    executor.shutdown(wait=False, cancel_futures=True)
+
+
+def _collate(chunk: np.ndarray, items: list[dict], batch_size: int, image_size: int) -> dict:
+  pixels = np.zeros((batch_size, image_size, image_size, 3), np.uint8)
+  sizes = np.zeros((batch_size, 2), np.int32)
+  index = np.full((batch_size,), -1, np.int64)
+  valid = np.zeros((batch_size,), bool)
+  ids = [""] * batch_size
+  masks = [None] * batch_size
+  for slot, item in enumerate(items):
+    pixels[slot] = item["image"]
+    sizes[slot] = item["size"]
+    ids[slot] = item["id"]
+    masks[slot] = item["mask"]
+  index[:len(chunk)] = chunk
+  valid[:len(chunk)] = True
+  return {"image": normalize_images(pixels), "valid": valid, "id": ids, "size": sizes,
+          "index": index, "mask": masks}

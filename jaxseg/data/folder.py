@@ -1,0 +1,91 @@
+"""Image folders as sources, and the scikit-image sample photographs written as a folder."""
+
+import collections
+import os
+import pathlib
+import tempfile
+import warnings
+
+import numpy as np
+from PIL import Image
+
+from jaxseg.data import images
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
+# Colour photographs bundled with scikit-image (no download needed).
+SKIMAGE_PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "motorcycle_left", "motorcycle_right")
+
+
+def _is_readable_image(path: pathlib.Path) -> bool:
+  """Whether PIL recognises the file's header (cheap: pixel data is not decoded)."""
+  try:
+    with Image.open(path) as image:
+      return image.width > 0 and image.height > 0
+  except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+    return False
+
+
+class FolderSource:
+  """Every image file under a folder, recursively, sorted by relative path.
+
+  Items are {"id": relative path without extension ('/'-separated), "image": uint8 [H, W, 3]}
+  with EXIF orientation applied. Files whose header PIL cannot read are skipped with a warning
+  naming them; a file that fails later, while decoding pixels, raises ValueError naming it. Two
+  files differing only in extension (a.jpg, a.png) keep their extensions in their ids.
+  """
+
+  def __init__(self, root: str | os.PathLike):
+    self.root = pathlib.Path(root)
+    if not self.root.is_dir():
+      raise FileNotFoundError(f"Image folder {self.root} does not exist or is not a directory.")
+    candidates = sorted((p for p in self.root.rglob("*")
+                         if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()),
+                        key=lambda p: p.relative_to(self.root).as_posix())
+    self.paths = []
+    for path in candidates:
+      if _is_readable_image(path):
+        self.paths.append(path)
+      else:
+        warnings.warn(f"Skipping unreadable image file {path}", stacklevel=2)
+    stems = [p.relative_to(self.root).with_suffix("").as_posix() for p in self.paths]
+    counts = collections.Counter(stems)
+    self.ids = [stem if counts[stem] == 1 else p.relative_to(self.root).as_posix()
+                for stem, p in zip(stems, self.paths)]
+
+  def __len__(self) -> int:
+    return len(self.paths)
+
+  def __getitem__(self, index: int) -> dict:
+    path = self.paths[index]
+    return {"id": self.ids[index],
+            "image": images.decode_rgb(path.read_bytes(), name=str(path), apply_exif=True)}
+
+
+def skimage_photos(data_dir: str | os.PathLike) -> pathlib.Path:
+  """Writes scikit-image's bundled colour photographs as PNGs into data_dir/skimage_photos.
+
+  Each file is written once, atomically (temp file + os.replace), and reused afterwards.
+  Returns the folder.
+  """
+  from skimage import data as skimage_data  # imported lazily: only this source needs it
+
+  folder = pathlib.Path(data_dir) / "skimage_photos"
+  folder.mkdir(parents=True, exist_ok=True)
+  for name in SKIMAGE_PHOTOS:
+    target = folder / f"{name}.png"
+    if target.exists():
+      continue
+    if name.startswith("motorcycle_"):
+      left, right, _ = skimage_data.stereo_motorcycle()
+      photo = left if name == "motorcycle_left" else right
+    else:
+      photo = getattr(skimage_data, name)()
+    handle, temp = tempfile.mkstemp(dir=folder, suffix=".png.tmp")
+    try:
+      with os.fdopen(handle, "wb") as out:
+        out.write(images.encode_png(np.ascontiguousarray(photo[..., :3], dtype=np.uint8)))
+      os.replace(temp, target)
+    except BaseException:
+      pathlib.Path(temp).unlink(missing_ok=True)
+      raise
+  return folder
