@@ -1,0 +1,93 @@
+"""ViT architecture configs: one frozen dataclass, and the released DINO/DINOv2 variants."""
+
+import dataclasses
+
+POS_INTERP_MODES = ("meta", "hf", "hf_antialias")
+
+
+@dataclasses.dataclass(frozen=True)
+class ViTConfig:
+  """Static description of a DINO / DINOv2 Vision Transformer (hashable: a jit static argument).
+
+  Attributes:
+    patch_size: side of a square patch in pixels.
+    dim: token width D.
+    depth: number of transformer blocks.
+    num_heads: attention heads; head width is dim // num_heads.
+    mlp: "mlp" (fc1, exact GELU, fc2) or "swiglu" (DINOv2 ViT-g).
+    layerscale: whether each residual branch is scaled per channel (DINOv2).
+    num_registers: register tokens between CLS and the patches (0 or 4).
+    pos_grid: side M of the pretraining position-embedding grid (M * M patch entries).
+    pos_interp: how position embeddings are resized: "meta" (facebookresearch code, scale factor
+      (h + 0.1) / M), "hf" (transformers, target size) or "hf_antialias" (transformers'
+      Dinov2WithRegisters, antialiased resize). See `interpolate_pos_embed`.
+    layer_norm_eps: epsilon of every LayerNorm.
+    mlp_ratio: MLP hidden width over dim, before the SwiGLU rounding.
+    qkv_bias: whether the q/k/v projections carry a bias.
+  """
+  patch_size: int
+  dim: int
+  depth: int
+  num_heads: int
+  mlp: str = "mlp"
+  layerscale: bool = False
+  num_registers: int = 0
+  pos_grid: int = 37
+  pos_interp: str = "meta"
+  layer_norm_eps: float = 1e-6
+  mlp_ratio: float = 4.0
+  qkv_bias: bool = True
+
+  def __post_init__(self):
+    if self.mlp not in ("mlp", "swiglu"):
+      raise ValueError(f"ViTConfig.mlp must be 'mlp' or 'swiglu', got {self.mlp!r}.")
+    if self.pos_interp not in POS_INTERP_MODES:
+      raise ValueError(f"ViTConfig.pos_interp must be one of {POS_INTERP_MODES}, got {self.pos_interp!r}.")
+    if self.dim % self.num_heads:
+      raise ValueError(f"ViTConfig.dim={self.dim} is not divisible by num_heads={self.num_heads}.")
+
+  @property
+  def head_dim(self) -> int:
+    return self.dim // self.num_heads
+
+  @property
+  def mlp_hidden_dim(self) -> int:
+    """Hidden width of the MLP; SwiGLU keeps 2/3 of it rounded up to a multiple of 8 (as both references)."""
+    hidden = int(self.dim * self.mlp_ratio)
+    if self.mlp == "swiglu":
+      hidden = (int(hidden * 2 / 3) + 7) // 8 * 8
+    return hidden
+
+
+def _dino(patch_size: int, dim: int, heads: int) -> ViTConfig:
+  # DINO v1 was pretrained at 224 pixels: a 14x14 grid for patch 16, 28x28 for patch 8.
+  return ViTConfig(patch_size=patch_size, dim=dim, depth=12, num_heads=heads, pos_grid=224 // patch_size)
+
+
+def _dinov2(dim: int, depth: int, heads: int, mlp: str = "mlp", registers: int = 0) -> ViTConfig:
+  # DINOv2 checkpoints carry a 37x37 grid (518 pixels / patch 14).
+  return ViTConfig(patch_size=14, dim=dim, depth=depth, num_heads=heads, mlp=mlp, layerscale=True,
+                   num_registers=registers, pos_grid=37)
+
+
+VARIANTS: dict[str, ViTConfig] = {
+    "dino_vits16": _dino(16, 384, 6),
+    "dino_vits8": _dino(8, 384, 6),
+    "dino_vitb16": _dino(16, 768, 12),
+    "dino_vitb8": _dino(8, 768, 12),
+    "dinov2_vits14": _dinov2(384, 12, 6),
+    "dinov2_vitb14": _dinov2(768, 12, 12),
+    "dinov2_vitl14": _dinov2(1024, 24, 16),
+    "dinov2_vitg14": _dinov2(1536, 40, 24, mlp="swiglu"),
+    "dinov2_vits14_reg": _dinov2(384, 12, 6, registers=4),
+    "dinov2_vitb14_reg": _dinov2(768, 12, 12, registers=4),
+    "dinov2_vitl14_reg": _dinov2(1024, 24, 16, registers=4),
+    "dinov2_vitg14_reg": _dinov2(1536, 40, 24, mlp="swiglu", registers=4),
+}
+
+
+def get_variant(variant: str) -> ViTConfig:
+  """VARIANTS[variant], with an error listing the known names."""
+  if variant not in VARIANTS:
+    raise ValueError(f"Unknown ViT variant {variant!r}; choose from {sorted(VARIANTS)}.")
+  return VARIANTS[variant]

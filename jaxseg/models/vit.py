@@ -1,0 +1,234 @@
+"""DINO / DINOv2 Vision Transformer forward pass on plain parameter pytrees.
+
+Parameters (see `init_params` for shapes) are a nested dict of arrays; block weights are
+stacked along a leading depth axis so a checkpoint is a handful of arrays. The forward pass
+computes exactly what the facebookresearch and transformers models compute: pre-norm blocks,
+LayerNorm eps 1e-6, exact-erf GELU or SwiGLU, optional layerscale, CLS then registers then
+patches, position embeddings added before the registers are inserted.
+"""
+
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+from jaxseg.models.config import ViTConfig
+from jaxseg.models.pos_embed import interpolate_pos_embed
+
+Params = dict[str, Any]
+
+
+@flax.struct.dataclass
+class ViTOutput:
+  """What `encode` returns; a pytree, so it passes through jit and vmap.
+
+  Attributes:
+    cls: [B, D] CLS token after the final LayerNorm.
+    patch_tokens: [B, h, w, D] patch tokens after the final LayerNorm.
+    registers: [B, R, D] register tokens after the final LayerNorm (R may be 0).
+    q, k, v: [B, h, w, D] last block's patch projections feeding attention, heads concatenated.
+    cls_attention: [B, heads, h, w] last block's softmax attention from CLS to each patch.
+    blocks: {block_index: {"q", "k", "v", "tokens"}} each [B, h, w, D], for the requested
+      blocks; tokens are that block's output patch tokens, before the final LayerNorm.
+  """
+  cls: jax.Array
+  patch_tokens: jax.Array
+  registers: jax.Array
+  q: jax.Array
+  k: jax.Array
+  v: jax.Array
+  cls_attention: jax.Array
+  blocks: dict[int, dict[str, jax.Array]]
+
+
+def layer_norm(x: jax.Array, norm: Params, eps: float) -> jax.Array:
+  """LayerNorm over the last axis in float32 (as torch), x: [..., D] -> [..., D] float32."""
+  x = x.astype(jnp.float32)
+  mean = x.mean(-1, keepdims=True)
+  var = jnp.square(x - mean).mean(-1, keepdims=True)
+  return (x - mean) * jax.lax.rsqrt(var + eps) * norm["scale"] + norm["bias"]
+
+
+def _dense(x: jax.Array, layer: Params, dtype) -> jax.Array:
+  """x @ kernel + bias in the compute dtype, accumulated in float32. x: [..., I] -> [..., O]."""
+  y = jnp.matmul(x.astype(dtype), layer["kernel"].astype(dtype), preferred_element_type=jnp.float32)
+  return (y + layer["bias"]).astype(dtype)
+
+
+def _mlp(x: jax.Array, mlp: Params, cfg: ViTConfig, dtype) -> jax.Array:
+  if cfg.mlp == "swiglu":
+    gate, up = jnp.split(_dense(x, mlp["w12"], dtype), 2, axis=-1)
+    return _dense(jax.nn.silu(gate) * up, mlp["w3"], dtype)
+  return _dense(jax.nn.gelu(_dense(x, mlp["fc1"], dtype), approximate=False), mlp["fc2"], dtype)
+
+
+def _attention(x: jax.Array, attn: Params, cfg: ViTConfig, key_bias: jax.Array | None, dtype):
+  """Multi-head self-attention. x: [B, N, D]; key_bias: [B, N] additive logit bias or None.
+
+  Returns:
+    (out [B, N, D], (q, k, v) each [B, N, D]).
+  """
+  batch, tokens, _ = x.shape
+  qkv = _dense(x, attn["qkv"], dtype)
+  q, k, v = jnp.split(qkv, 3, axis=-1)
+  heads = lambda t: t.reshape(batch, tokens, cfg.num_heads, cfg.head_dim)
+  logits = jnp.einsum("bqhd,bkhd->bhqk", heads(q) * jnp.asarray(cfg.head_dim ** -0.5, dtype), heads(k),
+                      preferred_element_type=jnp.float32)
+  if key_bias is not None:
+    logits = logits + key_bias[:, None, None, :]
+  probs = jax.nn.softmax(logits, axis=-1).astype(dtype)
+  out = jnp.einsum("bhqk,bkhd->bqhd", probs, heads(v)).reshape(batch, tokens, cfg.dim)
+  return _dense(out, attn["proj"], dtype), (q, k, v)
+
+
+def _block(x: jax.Array, block: Params, cfg: ViTConfig, key_bias: jax.Array | None, dtype):
+  """One pre-norm transformer block on the float32 residual stream x: [B, N, D]."""
+  attn_out, qkv = _attention(layer_norm(x, block["norm1"], cfg.layer_norm_eps), block["attn"], cfg, key_bias, dtype)
+  if cfg.layerscale:
+    attn_out = attn_out * block["ls1"].astype(dtype)
+  x = x + attn_out.astype(jnp.float32)
+  mlp_out = _mlp(layer_norm(x, block["norm2"], cfg.layer_norm_eps), block["mlp"], cfg, dtype)
+  if cfg.layerscale:
+    mlp_out = mlp_out * block["ls2"].astype(dtype)
+  return x + mlp_out.astype(jnp.float32), qkv
+
+
+def embed(params: Params, images: jax.Array, cfg: ViTConfig) -> jax.Array:
+  """Patch embedding + CLS + position embeddings + registers.
+
+  Args:
+    params: ViT parameters.
+    images: [B, H, W, 3] float32, H and W multiples of cfg.patch_size.
+
+  Returns:
+    [B, 1 + R + h * w, D] float32 tokens: CLS, registers, patches in row-major order.
+  """
+  batch, height, width, channels = images.shape
+  p = cfg.patch_size
+  if height % p or width % p or channels != 3:
+    raise ValueError(f"encode: images must be [B, H, W, 3] with H and W multiples of the patch size {p}; "
+                     f"got shape {images.shape}.")
+  h, w = height // p, width // p
+  patches = images.reshape(batch, h, p, w, p, 3).transpose(0, 1, 3, 2, 4, 5).reshape(batch, h * w, p * p * 3)
+  kernel = params["patch_embed"]["kernel"].reshape(p * p * 3, cfg.dim)
+  tokens = jnp.matmul(patches.astype(jnp.float32), kernel, precision=jax.lax.Precision.HIGHEST)
+  tokens = tokens + params["patch_embed"]["bias"]
+  pos = params["pos_embed"]
+  patch_pos = interpolate_pos_embed(pos[1:], (h, w), cfg.pos_interp)
+  cls = jnp.broadcast_to(params["cls_token"] + pos[0], (batch, 1, cfg.dim))
+  parts = [cls]
+  if cfg.num_registers:
+    parts.append(jnp.broadcast_to(params["register_tokens"], (batch, cfg.num_registers, cfg.dim)))
+  parts.append(tokens + patch_pos)
+  return jnp.concatenate(parts, axis=1).astype(jnp.float32)
+
+
+def encode(params: Params, images: jax.Array, cfg: ViTConfig, *, dtype=jnp.float32,
+           return_blocks: tuple[int, ...] = (), patch_mask: jax.Array | None = None) -> ViTOutput:
+  """Runs the ViT and returns its features (see ViTOutput).
+
+  jit with cfg, dtype and return_blocks static, e.g.
+  `jax.jit(encode, static_argnames=("cfg", "dtype", "return_blocks"))`.
+
+  Args:
+    params: parameters from init_params, hf_to_params, meta_to_params or load_params.
+    images: [B, H, W, 3] float32, ImageNet-normalised; H, W any multiples of cfg.patch_size.
+    cfg: the architecture.
+    dtype: compute dtype of the matrix products (bfloat16 on GPU); LayerNorm, softmax, the
+      residual stream and all accumulation stay float32; outputs are float32.
+    return_blocks: block indices (0-based, negative counts from the end) whose q/k/v/tokens to
+      return in ViTOutput.blocks.
+    patch_mask: optional bool [B, h, w]; when given, in every block the keys are restricted to
+      CLS, the registers and the patches where the mask is True.
+
+  Returns:
+    ViTOutput.
+  """
+  batch, height, width, _ = images.shape
+  h, w = height // cfg.patch_size, width // cfg.patch_size
+  wanted = {i % cfg.depth for i in return_blocks}
+  if any(not -cfg.depth <= i < cfg.depth for i in return_blocks):
+    raise ValueError(f"encode: return_blocks {return_blocks} out of range for depth {cfg.depth}.")
+  first_patch = 1 + cfg.num_registers
+  key_bias = None
+  if patch_mask is not None:
+    if patch_mask.shape != (batch, h, w):
+      raise ValueError(f"encode: patch_mask must have shape {(batch, h, w)}, got {patch_mask.shape}.")
+    keep = jnp.concatenate([jnp.ones((batch, first_patch), bool), patch_mask.reshape(batch, h * w)], axis=1)
+    key_bias = jnp.where(keep, 0.0, -jnp.inf).astype(jnp.float32)
+
+  grid = lambda t: t[:, first_patch:].reshape(batch, h, w, -1).astype(jnp.float32)
+  x = embed(params, images, cfg)
+  blocks_out = {}
+  for index in range(cfg.depth):
+    block = jax.tree.map(lambda a, i=index: a[i], params["blocks"])
+    x, (q, k, v) = _block(x, block, cfg, key_bias, dtype)
+    if index in wanted:
+      blocks_out[index] = {"q": grid(q), "k": grid(k), "v": grid(v), "tokens": grid(x)}
+
+  # CLS row of the last block's attention, recomputed from its q and k: a [B, heads, N] slice.
+  last_q = q[:, 0].reshape(batch, cfg.num_heads, cfg.head_dim).astype(jnp.float32)
+  last_k = k.reshape(batch, -1, cfg.num_heads, cfg.head_dim).astype(jnp.float32)
+  cls_logits = jnp.einsum("bhd,bkhd->bhk", last_q * cfg.head_dim ** -0.5, last_k,
+                          precision=jax.lax.Precision.HIGHEST)
+  if key_bias is not None:
+    cls_logits = cls_logits + key_bias[:, None, :]
+  cls_attention = jax.nn.softmax(cls_logits, axis=-1)[:, :, first_patch:].reshape(batch, cfg.num_heads, h, w)
+
+  normed = layer_norm(x, params["norm"], cfg.layer_norm_eps)
+  return ViTOutput(cls=normed[:, 0], patch_tokens=grid(normed), registers=normed[:, 1:first_patch],
+                   q=grid(q), k=grid(k), v=grid(v), cls_attention=cls_attention, blocks=blocks_out)
+
+
+def param_shapes(cfg: ViTConfig) -> Params:
+  """The parameter tree's shapes, {name: ... tuple}; the one place the layout is defined."""
+  d, depth, hidden = cfg.dim, cfg.depth, cfg.mlp_hidden_dim
+  dense = lambda i, o: {"kernel": (depth, i, o), "bias": (depth, o)}
+  norm = {"scale": (depth, d), "bias": (depth, d)}
+  if cfg.mlp == "swiglu":
+    mlp = {"w12": dense(d, 2 * hidden), "w3": dense(hidden, d)}
+  else:
+    mlp = {"fc1": dense(d, hidden), "fc2": dense(hidden, d)}
+  blocks = {"norm1": norm, "attn": {"qkv": dense(d, 3 * d), "proj": dense(d, d)}, "norm2": norm, "mlp": mlp}
+  if cfg.layerscale:
+    blocks.update(ls1=(depth, d), ls2=(depth, d))
+  shapes = {
+      "patch_embed": {"kernel": (cfg.patch_size, cfg.patch_size, 3, d), "bias": (d,)},
+      "cls_token": (d,),
+      "pos_embed": (1 + cfg.pos_grid ** 2, d),
+      "blocks": blocks,
+      "norm": {"scale": (d,), "bias": (d,)},
+  }
+  if cfg.num_registers:
+    shapes["register_tokens"] = (cfg.num_registers, d)
+  return shapes
+
+
+def _is_shape(node) -> bool:
+  return isinstance(node, tuple) and all(isinstance(n, int) for n in node)
+
+
+def init_params(cfg: ViTConfig, key: jax.Array) -> Params:
+  """Random parameters (truncated normal std 0.02 weights, zero biases, unit norms and layerscale).
+
+  Args:
+    cfg: the architecture.
+    key: PRNG key.
+
+  Returns:
+    The parameter pytree, float32; kernels are [in, out] (patch_embed [p, p, 3, D]).
+  """
+  shapes = param_shapes(cfg)
+  leaves, treedef = jax.tree.flatten(shapes, is_leaf=_is_shape)
+  paths = [jax.tree_util.keystr(path) for path, _ in jax.tree.flatten_with_path(shapes, is_leaf=_is_shape)[0]]
+  keys = jax.random.split(key, len(leaves))
+  out = []
+  for path, shape, k in zip(paths, leaves, keys):
+    if "'scale'" in path or "'ls" in path:
+      out.append(jnp.ones(shape, jnp.float32))
+    elif "'bias'" in path:
+      out.append(jnp.zeros(shape, jnp.float32))
+    else:
+      out.append(0.02 * jax.random.truncated_normal(k, -2.0, 2.0, shape, jnp.float32))
+  return jax.tree.unflatten(treedef, out)
