@@ -1,0 +1,159 @@
+"""Official DINO / DINOv2 weights: where they live, downloading and caching, one loading entry point.
+
+Downloads go to a temporary file next to the target, are checked against the server's size (and
+sha256 where the Hub publishes it) and only then renamed into place, so an interrupted download
+never leaves a file that looks complete. Converted parameters are cached once per variant/source.
+"""
+
+import dataclasses
+import hashlib
+import os
+import pathlib
+import tempfile
+import urllib.error
+import urllib.request
+
+import jax
+import tqdm
+
+from jaxseg.models.checkpoint import is_params_file, params_from_file, read_state_dict, save_params
+from jaxseg.models.config import ViTConfig, get_variant
+from jaxseg.models.convert import guess_naming, hf_to_params, meta_to_params
+from jaxseg.models.vit import Params, init_params
+
+_META_DINOV2 = "https://dl.fbaipublicfiles.com/dinov2/{name}/{name}{reg}_pretrain.pth"
+_META_DINO = "https://dl.fbaipublicfiles.com/dino/{name}/{name}_pretrain.pth"
+_HF = "https://huggingface.co/facebook/{repo}/resolve/main/{file}"
+_DINOV2_SIZES = {"vits14": "small", "vitb14": "base", "vitl14": "large", "vitg14": "giant"}
+_DINO_META_NAMES = {"dino_vits16": "dino_deitsmall16", "dino_vits8": "dino_deitsmall8",
+                    "dino_vitb16": "dino_vitbase16", "dino_vitb8": "dino_vitbase8"}
+
+
+class WeightsUnavailableError(RuntimeError):
+  """Weights could not be downloaded; the message names the URL and where to put the file by hand."""
+
+
+def default_cache_dir() -> pathlib.Path:
+  """$JAXSEG_CACHE, else ~/.cache/jaxseg."""
+  return pathlib.Path(os.environ.get("JAXSEG_CACHE", pathlib.Path.home() / ".cache" / "jaxseg"))
+
+
+def weights_url(variant: str, source: str) -> str:
+  """Official download URL of a variant's checkpoint; source "meta" (facebookresearch) or "hf" (the Hub)."""
+  get_variant(variant)
+  if source == "meta":
+    if variant.startswith("dinov2_"):
+      arch = variant.split("_")[1]
+      return _META_DINOV2.format(name=f"dinov2_{arch}", reg="_reg4" if variant.endswith("_reg") else "")
+    return _META_DINO.format(name=_DINO_META_NAMES[variant])
+  if source == "hf":
+    if variant.startswith("dinov2_"):
+      family = "dinov2-with-registers" if variant.endswith("_reg") else "dinov2"
+      return _HF.format(repo=f"{family}-{_DINOV2_SIZES[variant.split('_')[1]]}", file="model.safetensors")
+    # The DINO v1 Hub repos hold pytorch_model.bin, read through the restricted unpickler.
+    return _HF.format(repo=variant.replace("_", "-"), file="pytorch_model.bin")
+  raise ValueError(f"Unknown weights source {source!r}; choose 'hf' or 'meta'.")
+
+
+def _download_path(variant: str, source: str, cache_dir: pathlib.Path) -> pathlib.Path:
+  return cache_dir / "downloads" / source / variant / weights_url(variant, source).rsplit("/", 1)[1]
+
+
+def download(url: str, path: pathlib.Path) -> pathlib.Path:
+  """Downloads url to path (temp file + rename) with a progress bar and a size / sha256 check."""
+  path.parent.mkdir(parents=True, exist_ok=True)
+  hint = f"Download {url} by hand and put it at {path}"
+  try:
+    response = urllib.request.urlopen(url, timeout=60)
+  except (urllib.error.URLError, OSError) as e:
+    raise WeightsUnavailableError(f"Could not download {url} ({e}). {hint}.") from e
+  expected_size = int(response.headers.get("Content-Length") or -1)
+  expected_sha = (response.headers.get("X-Linked-ETag") or "").strip('"')  # the Hub's sha256 of LFS files
+  fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".part")
+  sha, size = hashlib.sha256(), 0
+  try:
+    with response, os.fdopen(fd, "wb") as out, tqdm.tqdm(total=max(expected_size, 0) or None, unit="B",
+                                                         unit_scale=True, desc=path.name) as bar:
+      while chunk := response.read(1 << 20):
+        out.write(chunk)
+        sha.update(chunk)
+        size += len(chunk)
+        bar.update(len(chunk))
+    if expected_size >= 0 and size != expected_size:
+      raise WeightsUnavailableError(f"Download of {url} is truncated ({size} of {expected_size} bytes). {hint}.")
+    if len(expected_sha) == 64 and sha.hexdigest() != expected_sha:
+      raise WeightsUnavailableError(f"Download of {url} has sha256 {sha.hexdigest()}, expected {expected_sha}. "
+                                    f"{hint}.")
+    os.replace(tmp, path)
+  except (urllib.error.URLError, OSError) as e:
+    raise WeightsUnavailableError(f"Download of {url} failed ({e}). {hint}.") from e
+  finally:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+  return path
+
+
+def convert_file(path: str | os.PathLike, cfg: ViTConfig, source: str = "auto") -> Params:
+  """Converts a checkpoint file (.safetensors, .pth, .bin) with transformers ("hf") or official ("meta") names."""
+  state_dict, metadata = read_state_dict(path)
+  if is_params_file(metadata):
+    params, stored = params_from_file(state_dict, metadata, str(path))
+    if dataclasses.replace(stored, pos_interp=cfg.pos_interp) != cfg:
+      raise ValueError(f"{path}: converted for {stored}, not {cfg}.")
+    return params
+  naming = guess_naming(state_dict) if source == "auto" else source
+  if naming not in ("hf", "meta"):
+    raise ValueError(f"Unknown checkpoint naming {source!r}; choose 'hf', 'meta' or 'auto'.")
+  return (hf_to_params if naming == "hf" else meta_to_params)(state_dict, cfg)
+
+
+def load_pretrained(variant: str, source: str = "hf", cache_dir: str | os.PathLike | None = None) -> Params:
+  """Official weights of a variant as jaxseg parameters, downloaded and converted on first use.
+
+  Args:
+    variant: a key of VARIANTS, e.g. "dinov2_vits14".
+    source: "hf" (the Hugging Face Hub) or "meta" (dl.fbaipublicfiles.com).
+    cache_dir: cache root (default $JAXSEG_CACHE or ~/.cache/jaxseg); the checkpoint goes to
+      <cache>/downloads/<source>/<variant>/<file>, the converted params to
+      <cache>/converted/<variant>-<source>.safetensors.
+
+  Raises:
+    WeightsUnavailableError: offline or the download failed; names the URL and the path to fill by hand.
+  """
+  cfg = get_variant(variant)
+  cache = pathlib.Path(cache_dir) if cache_dir is not None else default_cache_dir()
+  converted = cache / "converted" / f"{variant}-{source}.safetensors"
+  if converted.exists():
+    tensors, metadata = read_state_dict(converted)
+    return params_from_file(tensors, metadata, str(converted))[0]
+  checkpoint = _download_path(variant, source, cache)
+  if not checkpoint.exists():
+    download(weights_url(variant, source), checkpoint)
+  params = convert_file(checkpoint, cfg, source)
+  save_params(converted, params, cfg)
+  return params
+
+
+def load_params(weights: str, variant: str, *, seed: int = 0,
+                cache_dir: str | os.PathLike | None = None) -> tuple[Params, ViTConfig]:
+  """The runners' one entry point for weights.
+
+  Args:
+    weights: "hf" or "meta" (official weights, see load_pretrained), "random" (init_params from
+      PRNGKey(seed): a smoke run), or a local file: .safetensors / .pth / .bin with transformers or
+      official names (told apart by their keys) or a file written by save_params.
+    variant: a key of VARIANTS.
+    seed: PRNG seed for "random".
+    cache_dir: cache root for "hf" / "meta".
+
+  Returns:
+    (params, cfg) with cfg = VARIANTS[variant].
+  """
+  cfg = get_variant(variant)
+  if weights == "random":
+    return init_params(cfg, jax.random.PRNGKey(seed)), cfg
+  if weights in ("hf", "meta"):
+    return load_pretrained(variant, weights, cache_dir), cfg
+  if not os.path.exists(weights):
+    raise FileNotFoundError(f"weights={weights!r} is neither 'hf', 'meta', 'random' nor an existing file.")
+  return convert_file(weights, cfg), cfg
