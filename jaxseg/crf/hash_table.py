@@ -1,0 +1,115 @@
+"""A static-size open-addressing hash table of integer keys, built with scatters.
+
+Sorting a million multi-word keys is slow in XLA on CPU; inserting them into a
+linear-probing table in parallel rounds (each round: claim empty slots with a
+scatter-min, keep the entries whose key won their slot, move the others one
+slot on) is much faster and runs the same on CPU and GPU.
+"""
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+_FNV_OFFSET = np.uint32(2166136261)
+_FNV_PRIME = np.uint32(16777619)
+_GOLDEN = np.uint32(0x9E3779B1)
+
+
+class HashTable(NamedTuple):
+  """Unique keys with dense ids.
+
+  owner: [T] int32, for each slot the index of the entry whose key lives there,
+    or the number of entries when the slot is empty.
+  slot_id: [T] int32, dense id (0..num_unique-1, in slot order) of each occupied slot.
+  entry_id: [E] int32, dense id of each inserted entry's key.
+  num_unique: [] int32.
+  """
+  owner: jnp.ndarray
+  slot_id: jnp.ndarray
+  entry_id: jnp.ndarray
+  num_unique: jnp.ndarray
+
+
+def table_size(num_entries: int) -> int:
+  """Power of two at least twice the number of entries: load factor <= 1/2."""
+  return 1 << max(4, int(np.ceil(np.log2(2 * num_entries + 1))))
+
+
+def _home_slot(keys: jnp.ndarray, log2_size: int) -> jnp.ndarray:
+  """FNV-1a over the key's words, then Fibonacci hashing into 2^log2_size slots. keys: [..., W] int32."""
+  h = jnp.full(keys.shape[:-1], _FNV_OFFSET, jnp.uint32)
+  for i in range(keys.shape[-1]):
+    h = (h ^ keys[..., i].astype(jnp.uint32)) * _FNV_PRIME
+  return ((h * _GOLDEN) >> np.uint32(32 - log2_size)).astype(jnp.int32)
+
+
+def insert(keys: jnp.ndarray) -> HashTable:
+  """Gives every distinct key a dense id.
+
+  Args:
+    keys: [E, W] int32.
+
+  Returns:
+    HashTable of size table_size(E).
+  """
+  num_entries = keys.shape[0]
+  size = table_size(num_entries)
+  log2_size = size.bit_length() - 1
+  entry = jnp.arange(num_entries, dtype=jnp.int32)
+
+  def unfinished(state):
+    return ~jnp.all(state[2])
+
+  def probe(state):
+    owner, slot, done = state
+    empty = owner[slot] == num_entries
+    claim = jnp.where(done | ~empty, size, slot)
+    owner = owner.at[claim].min(entry, mode="drop")
+    winner = owner[slot]
+    done = done | jnp.all(keys.at[winner].get(mode="clip") == keys, axis=-1)
+    slot = jnp.where(done, slot, (slot + 1) & (size - 1))
+    return owner, slot, done
+
+  owner = jnp.full((size,), num_entries, jnp.int32)
+  done = jnp.zeros((num_entries,), bool)
+  owner, slot, _ = jax.lax.while_loop(unfinished, probe, (owner, _home_slot(keys, log2_size), done))
+  occupied = owner < num_entries
+  slot_id = jnp.cumsum(occupied, dtype=jnp.int32) - 1
+  return HashTable(owner=owner, slot_id=slot_id, entry_id=slot_id[slot],
+                   num_unique=jnp.sum(occupied, dtype=jnp.int32))
+
+
+def lookup(table: HashTable, keys: jnp.ndarray, queries: jnp.ndarray, valid: jnp.ndarray) -> jnp.ndarray:
+  """Dense ids of query keys.
+
+  Args:
+    table: from insert(keys).
+    keys: [E, W] int32, the keys the table was built from.
+    queries: [Q, W] int32.
+    valid: [Q] bool; invalid queries are not looked up.
+
+  Returns:
+    [Q] int32: the id of each query's key, or -1 where it is absent or invalid.
+  """
+  num_entries = keys.shape[0]
+  size = table.owner.shape[0]
+  log2_size = size.bit_length() - 1
+
+  def unfinished(state):
+    return ~jnp.all(state[1])
+
+  def probe(state):
+    slot, done, found = state
+    current = table.owner[slot]
+    empty = current == num_entries
+    match = ~empty & jnp.all(keys.at[current].get(mode="clip") == queries, axis=-1)
+    found = jnp.where(~done & match, table.slot_id[slot], found)
+    done = done | empty | match
+    slot = jnp.where(done, slot, (slot + 1) & (size - 1))
+    return slot, done, found
+
+  found = jnp.full(queries.shape[:1], -1, jnp.int32)
+  _, _, found = jax.lax.while_loop(unfinished, probe, (_home_slot(queries, log2_size), ~valid, found))
+  return found
