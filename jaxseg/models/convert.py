@@ -47,10 +47,10 @@ _META_GLOBAL = {
 }
 _META_BLOCK = {
     "norm1": "norm1", "norm2": "norm2", "attn.qkv": "qkv", "attn.proj": "proj",
-    "ls1": "ls1", "ls2": "ls2",
+    "ls1.gamma": "ls1", "ls2.gamma": "ls2",
     "mlp.fc1": "fc1", "mlp.fc2": "fc2", "mlp.w12": "w12", "mlp.w3": "w3",
 }
-_META_BLOCK_KEY = re.compile(r"^blocks\.(\d+)\.(.+?)(?:\.(weight|bias|gamma))?$")
+_META_BLOCK_KEY = re.compile(r"^blocks\.(\d+)\.(.+?)(?:\.(weight|bias))?$")
 
 
 class CheckpointError(ValueError):
@@ -81,7 +81,7 @@ def _parse(state_dict: Mapping[str, np.ndarray], known: Mapping[str, str], block
     if match and match.group(2) in block_parts:
       part = block_parts[match.group(2)]
       suffix = match.group(3)
-      canonical = part if suffix in (None, "gamma", "lambda1") else f"{part}.{suffix}"
+      canonical = part if suffix is None else f"{part}.{suffix}"
       parts[(int(match.group(1)), canonical)] = (key, np.asarray(value))
       continue
     raise CheckpointError(f"Unknown key {key!r} (shape {tuple(np.shape(value))}) for {naming} naming; "
@@ -119,7 +119,18 @@ def _expected_shapes(cfg: ViTConfig, parts) -> dict[tuple[int | None, str], tupl
   return shapes
 
 
-def _check(parts, cfg: ViTConfig, naming: str) -> None:
+def _source_name(where: tuple[int | None, str], known: Mapping[str, str], block_parts: Mapping[str, str],
+                 block_prefix: str) -> str:
+  """A checkpoint key, in the checkpoint's own naming, for a canonical part (for error messages)."""
+  block, name = where
+  if block is None:
+    return next(k for k, v in known.items() if v == name)
+  part, _, suffix = name.partition(".")
+  source = next(k for k, v in block_parts.items() if v == part)
+  return f"{block_prefix}{block}.{source}" + (f".{suffix}" if suffix else "")
+
+
+def _check(parts, cfg: ViTConfig, naming: str, source_name) -> None:
   expected = _expected_shapes(cfg, parts)
   for where, (key, value) in parts.items():
     if where not in expected:
@@ -128,10 +139,8 @@ def _check(parts, cfg: ViTConfig, naming: str) -> None:
       raise CheckpointError(f"Key {key!r} has shape {value.shape}, expected {expected[where]} for config {cfg}.")
   missing = [where for where in expected if where not in parts]
   if missing:
-    block, name = missing[0]
-    label = name if block is None else f"block {block} {name}"
-    raise CheckpointError(f"Missing {len(missing)} key(s) in {naming} checkpoint, first: {label} with shape "
-                          f"{expected[missing[0]]} (config {cfg}).")
+    raise CheckpointError(f"Missing {len(missing)} key(s) in the {naming} checkpoint, first: "
+                          f"{source_name(missing[0])!r} with shape {expected[missing[0]]} (config {cfg}).")
 
 
 def _assemble(parts, cfg: ViTConfig) -> Params:
@@ -179,9 +188,9 @@ def _assemble(parts, cfg: ViTConfig) -> Params:
   return params
 
 
-def _convert(state_dict, cfg, known, block_parts, block_key, naming) -> Params:
+def _convert(state_dict, cfg, known, block_parts, block_key, block_prefix, naming) -> Params:
   parts = _parse(state_dict, known, block_parts, block_key, naming)
-  _check(parts, cfg, naming)
+  _check(parts, cfg, naming, lambda where: _source_name(where, known, block_parts, block_prefix))
   return _assemble(parts, cfg)
 
 
@@ -201,7 +210,7 @@ def hf_to_params(state_dict: Mapping[str, np.ndarray], cfg: ViTConfig) -> Params
   Raises:
     CheckpointError: an unknown, missing or mis-shaped key (the message names it and both shapes).
   """
-  return _convert(state_dict, cfg, _HF_GLOBAL, _HF_BLOCK, _HF_BLOCK_KEY, "transformers")
+  return _convert(state_dict, cfg, _HF_GLOBAL, _HF_BLOCK, _HF_BLOCK_KEY, "encoder.layer.", "transformers")
 
 
 def meta_to_params(state_dict: Mapping[str, np.ndarray], cfg: ViTConfig) -> Params:
@@ -217,7 +226,7 @@ def meta_to_params(state_dict: Mapping[str, np.ndarray], cfg: ViTConfig) -> Para
   Raises:
     CheckpointError: an unknown, missing or mis-shaped key (the message names it and both shapes).
   """
-  return _convert(state_dict, cfg, _META_GLOBAL, _META_BLOCK, _META_BLOCK_KEY, "facebookresearch")
+  return _convert(state_dict, cfg, _META_GLOBAL, _META_BLOCK, _META_BLOCK_KEY, "blocks.", "facebookresearch")
 
 
 def guess_naming(keys) -> str:

@@ -1,0 +1,363 @@
+"""jaxseg.models against transformers (random-init models) and torch's interpolation."""
+
+import os
+import pickle
+import re
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import safetensors.torch
+import torch
+import transformers
+
+from jaxseg import models
+from jaxseg.models import checkpoint
+
+TOL = 1e-4
+ENCODE = jax.jit(models.encode, static_argnames=("cfg", "dtype", "return_blocks"))
+
+
+def _randomize(model: torch.nn.Module) -> torch.nn.Module:
+  """Perturbs every parameter so zero biases / unit norms / unit layerscale cannot hide a bug."""
+  gen = torch.Generator().manual_seed(0)
+  with torch.no_grad():
+    for name, p in model.named_parameters():
+      scale = 0.2 if re.search(r"norm|layer_scale|lambda", name) else 0.02
+      p.add_(scale * torch.randn(p.shape, generator=gen))
+  return model.eval()
+
+
+def _hub_names(state_dict: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
+  """transformers v5 in-memory names -> the names stored in the Hub's checkpoints (written independently)."""
+  out = {}
+  for key, value in state_dict.items():
+    key = re.sub(r"^layers\.", "encoder.layer.", key)
+    key = re.sub(r"attention\.([qkv])_proj", lambda m: "attention.attention." + {"q": "query", "k": "key", "v": "value"}[m.group(1)], key)
+    key = key.replace("attention.o_proj", "attention.output.dense")
+    key = key.replace("mlp.down_proj", "mlp.weights_out")
+    out[key] = value.detach().numpy()
+  vit_like = any("layernorm_before" in k for k in out)
+  for key in list(out):
+    if vit_like:
+      new = key.replace("mlp.fc1", "intermediate.dense").replace("mlp.fc2", "output.dense")
+      out[new] = out.pop(key)
+  for key in [k for k in out if "mlp.gate_proj" in k]:
+    up = key.replace("gate_proj", "up_proj")
+    out[key.replace("gate_proj", "weights_in")] = np.concatenate([out.pop(key), out.pop(up)], axis=0)
+  return out
+
+
+def _meta_names(hub: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+  """Hub DINOv2 names -> facebookresearch names, fusing q/k/v the way the official qkv is laid out."""
+  out = {}
+  for key, value in hub.items():
+    m = re.match(r"encoder\.layer\.(\d+)\.(.*)", key)
+    if not m:
+      key = {"embeddings.cls_token": "cls_token", "embeddings.position_embeddings": "pos_embed",
+             "embeddings.register_tokens": "register_tokens", "embeddings.mask_token": "mask_token",
+             "embeddings.patch_embeddings.projection.weight": "patch_embed.proj.weight",
+             "embeddings.patch_embeddings.projection.bias": "patch_embed.proj.bias",
+             "layernorm.weight": "norm.weight", "layernorm.bias": "norm.bias"}[key]
+      out[key] = value
+      continue
+    i, rest = m.groups()
+    if ".attention.attention.key" in "." + rest or ".attention.attention.value" in "." + rest:
+      continue
+    if rest.startswith("attention.attention.query"):
+      suffix = rest.rsplit(".", 1)[1]
+      parts = [hub[f"encoder.layer.{i}.attention.attention.{n}.{suffix}"] for n in ("query", "key", "value")]
+      out[f"blocks.{i}.attn.qkv.{suffix}"] = np.concatenate(parts, axis=0)
+      continue
+    rest = (rest.replace("attention.output.dense", "attn.proj").replace("layer_scale1.lambda1", "ls1.gamma")
+            .replace("layer_scale2.lambda1", "ls2.gamma").replace("mlp.weights_in", "mlp.w12")
+            .replace("mlp.weights_out", "mlp.w3"))
+    out[f"blocks.{i}.{rest}"] = value
+  return out
+
+
+def _reference(model, images: np.ndarray, last_attention, **kwargs):
+  """Runs the torch model; returns last hidden state, hidden states, last-block q/k/v and attentions."""
+  captured = {}
+  hooks = [getattr(last_attention, f"{n}_proj").register_forward_hook(
+      lambda mod, inp, out, n=n: captured.__setitem__(n, out.detach().numpy())) for n in "qkv"]
+  try:
+    with torch.no_grad():
+      out = model(torch.from_numpy(images).permute(0, 3, 1, 2), output_attentions=True, output_hidden_states=True,
+                  **kwargs)
+  finally:
+    for h in hooks:
+      h.remove()
+  return out, captured
+
+
+def _compare(out: models.ViTOutput, ref, captured, first_patch: int, hw: tuple[int, int], return_blocks=()):
+  batch = out.cls.shape[0]
+  tokens = ref.last_hidden_state.numpy()
+  grid = lambda a: a[:, first_patch:].reshape(batch, *hw, -1)
+  errors = {
+      "cls": np.abs(out.cls - tokens[:, 0]).max(),
+      "patch_tokens": np.abs(out.patch_tokens - grid(tokens)).max(),
+      "registers": np.abs(out.registers - tokens[:, 1:first_patch]).max() if first_patch > 1 else 0.0,
+      "cls_attention": np.abs(out.cls_attention - grid(ref.attentions[-1][:, :, 0].numpy().transpose(0, 2, 1)
+                                                       ).transpose(0, 3, 1, 2)).max(),
+  }
+  for name in "qkv":
+    errors[name] = np.abs(getattr(out, name) - grid(captured[name])).max()
+  for index in return_blocks:
+    errors[f"block{index}"] = np.abs(out.blocks[index]["tokens"] - grid(ref.hidden_states[index + 1].numpy())).max()
+  assert max(errors.values()) <= TOL, errors
+
+
+def _dinov2_cfg(hc, **overrides) -> models.ViTConfig:
+  return models.ViTConfig(patch_size=hc.patch_size, dim=hc.hidden_size, depth=hc.num_hidden_layers,
+                          num_heads=hc.num_attention_heads, mlp="swiglu" if hc.use_swiglu_ffn else "mlp",
+                          layerscale=True, pos_grid=hc.image_size // hc.patch_size, **overrides)
+
+
+@pytest.fixture(scope="module")
+def dinov2():
+  hc = transformers.Dinov2Config(hidden_size=384, num_hidden_layers=2, num_attention_heads=6, image_size=518,
+                                 patch_size=14, attn_implementation="eager")
+  model = _randomize(transformers.Dinov2Model(hc))
+  return model, _hub_names(model.state_dict()), _dinov2_cfg(hc, pos_interp="hf")
+
+
+@pytest.mark.parametrize("size", [(518, 518), (448, 672)])
+def test_dinov2_matches_transformers(dinov2, size):
+  model, hub, cfg = dinov2
+  images = np.random.randn(2, *size, 3).astype(np.float32)
+  ref, captured = _reference(model, images, model.encoder.layer[-1].attention)
+  out = ENCODE(models.hf_to_params(hub, cfg), images, cfg, return_blocks=(0,))
+  _compare(out, ref, captured, 1, (size[0] // 14, size[1] // 14), return_blocks=(0,))
+
+
+def test_transformers_v5_names_and_prefix_convert_alike(dinov2):
+  model, hub, cfg = dinov2
+  from_hub = models.hf_to_params(hub, cfg)
+  in_memory = {"dinov2." + k: v.numpy() for k, v in model.state_dict().items()}
+  jax.tree.map(np.testing.assert_array_equal, from_hub, models.hf_to_params(in_memory, cfg))
+
+
+def test_meta_names_convert_to_same_params(dinov2):
+  _, hub, cfg = dinov2
+  meta = {"teacher.backbone." + k: v for k, v in _meta_names(hub).items()}
+  assert models.convert.guess_naming(_meta_names(hub)) == "meta"
+  jax.tree.map(np.testing.assert_array_equal, models.hf_to_params(hub, cfg), models.meta_to_params(meta, cfg))
+
+
+def test_dinov2_with_registers_matches_transformers():
+  hc = transformers.Dinov2WithRegistersConfig(hidden_size=384, num_hidden_layers=2, num_attention_heads=6,
+                                              image_size=518, patch_size=14, num_register_tokens=4,
+                                              attn_implementation="eager")
+  model = _randomize(transformers.Dinov2WithRegistersModel(hc))
+  cfg = _dinov2_cfg(hc, num_registers=4, pos_interp="hf_antialias")
+  params = models.hf_to_params(_hub_names(model.state_dict()), cfg)
+  for size in [(518, 518), (448, 672)]:
+    images = np.random.randn(1, *size, 3).astype(np.float32)
+    ref, captured = _reference(model, images, model.encoder.layer[-1].attention)
+    _compare(ENCODE(params, images, cfg), ref, captured, 5, (size[0] // 14, size[1] // 14))
+
+
+def test_swiglu_matches_transformers():
+  hc = transformers.Dinov2Config(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=112,
+                                 patch_size=14, use_swiglu_ffn=True, attn_implementation="eager")
+  model = _randomize(transformers.Dinov2Model(hc))
+  cfg = _dinov2_cfg(hc, pos_interp="hf")
+  hub = _hub_names(model.state_dict())
+  assert any("weights_in" in k for k in hub)
+  images = np.random.randn(2, 84, 140, 3).astype(np.float32)
+  ref, captured = _reference(model, images, model.encoder.layer[-1].attention)
+  _compare(ENCODE(models.hf_to_params(hub, cfg), images, cfg), ref, captured, 1, (6, 10))
+
+
+def test_dino_vits8_matches_transformers_vit():
+  hc = transformers.ViTConfig(hidden_size=384, num_hidden_layers=2, num_attention_heads=6, intermediate_size=1536,
+                              image_size=224, patch_size=8, layer_norm_eps=1e-6, qkv_bias=True,
+                              attn_implementation="eager")
+  model = _randomize(transformers.ViTModel(hc, add_pooling_layer=False))
+  cfg = models.ViTConfig(patch_size=8, dim=384, depth=2, num_heads=6, pos_grid=28, pos_interp="hf")
+  params = models.hf_to_params(_hub_names(model.state_dict()), cfg)
+  for size in [(224, 224), (160, 240)]:
+    images = np.random.randn(2, *size, 3).astype(np.float32)
+    ref, captured = _reference(model, images, model.layers[-1].attention, interpolate_pos_encoding=True)
+    _compare(ENCODE(params, images, cfg), ref, captured, 1, (size[0] // 8, size[1] // 8))
+
+
+@pytest.mark.slow
+def test_full_vits14_shape_matches_transformers():
+  hc = transformers.Dinov2Config(hidden_size=384, num_hidden_layers=12, num_attention_heads=6, image_size=518,
+                                 patch_size=14, attn_implementation="eager")
+  model = _randomize(transformers.Dinov2Model(hc))
+  cfg = models.VARIANTS["dinov2_vits14"]
+  assert cfg == _dinov2_cfg(hc)
+  cfg = _dinov2_cfg(hc, pos_interp="hf")
+  images = np.random.randn(1, 448, 448, 3).astype(np.float32)
+  ref, captured = _reference(model, images, model.encoder.layer[-1].attention)
+  out = ENCODE(models.hf_to_params(_hub_names(model.state_dict()), cfg), images, cfg, return_blocks=(5, -1))
+  _compare(out, ref, captured, 1, (32, 32), return_blocks=(5, 11))
+
+
+@pytest.mark.parametrize("mode", ["meta", "hf", "hf_antialias"])
+@pytest.mark.parametrize("size", [(32, 32), (32, 48), (37, 48), (74, 20), (5, 8)])
+def test_interpolate_pos_embed_matches_torch(mode, size):
+  grid, dim = 37, 6
+  table = np.random.randn(grid * grid, dim).astype(np.float32)
+  nchw = torch.from_numpy(table).reshape(1, grid, grid, dim).permute(0, 3, 1, 2)
+  h, w = size
+  if mode == "meta":
+    ref = torch.nn.functional.interpolate(nchw, scale_factor=((h + 0.1) / grid, (w + 0.1) / grid), mode="bicubic",
+                                          align_corners=False)
+  else:
+    ref = torch.nn.functional.interpolate(nchw, size=size, mode="bicubic", align_corners=False,
+                                          antialias=mode == "hf_antialias")
+  ref = ref.permute(0, 2, 3, 1).reshape(h * w, dim).numpy()
+  np.testing.assert_allclose(models.interpolate_pos_embed(jnp.asarray(table), size, mode), ref, rtol=0, atol=1e-5)
+
+
+def test_interpolate_pos_embed_keeps_pretraining_grid():
+  table = np.random.randn(37 * 37, 4).astype(np.float32)
+  for mode in ("meta", "hf", "hf_antialias"):
+    np.testing.assert_array_equal(models.interpolate_pos_embed(jnp.asarray(table), (37, 37), mode), table)
+
+
+def test_patch_mask_matches_transformers_attention_mask(dinov2):
+  model, hub, cfg = dinov2
+  images = np.random.randn(2, 112, 140, 3).astype(np.float32)
+  mask = np.random.rand(2, 8, 10) > 0.5
+  keys = torch.from_numpy(np.concatenate([np.ones((2, 1), bool), mask.reshape(2, -1)], axis=1)).long()
+  with torch.no_grad():
+    ref = model(torch.from_numpy(images).permute(0, 3, 1, 2), attention_mask=keys).last_hidden_state.numpy()
+  params = models.hf_to_params(hub, cfg)
+  out = ENCODE(params, images, cfg, patch_mask=jnp.asarray(mask))
+  assert np.abs(out.cls - ref[:, 0]).max() <= TOL
+  assert np.abs(out.patch_tokens - ref[:, 1:].reshape(2, 8, 10, -1)).max() <= TOL
+  np.testing.assert_array_equal(out.cls_attention * ~mask[:, None], 0.0)
+  # Changing pixels of masked-out patches must not move CLS.
+  pixel_mask = mask.repeat(14, axis=1).repeat(14, axis=2)[..., None]
+  changed = np.where(pixel_mask, images, 5.0).astype(np.float32)
+  out2 = ENCODE(params, changed, cfg, patch_mask=jnp.asarray(mask))
+  np.testing.assert_allclose(out2.cls, out.cls, atol=1e-5)
+  full = ENCODE(params, images, cfg, patch_mask=jnp.ones((2, 8, 10), bool))
+  np.testing.assert_allclose(full.cls, ENCODE(params, images, cfg).cls, atol=1e-6)
+
+
+def test_bfloat16_compute_stays_close(dinov2):
+  _, hub, cfg = dinov2
+  params = models.hf_to_params(hub, cfg)
+  images = np.random.randn(1, 112, 112, 3).astype(np.float32)
+  f32 = ENCODE(params, images, cfg).patch_tokens
+  bf16 = ENCODE(params, images, cfg, dtype=jnp.bfloat16).patch_tokens
+  assert bf16.dtype == jnp.float32
+  cos = (f32 * bf16).sum(-1) / (jnp.linalg.norm(f32, axis=-1) * jnp.linalg.norm(bf16, axis=-1))
+  assert float(cos.min()) > 0.99
+
+
+def test_init_params_has_the_converted_layout(dinov2):
+  _, hub, cfg = dinov2
+  shapes = lambda tree: jax.tree.map(np.shape, tree)
+  assert shapes(models.init_params(cfg, jax.random.PRNGKey(0))) == shapes(models.hf_to_params(hub, cfg))
+  for variant in ("dinov2_vitg14_reg", "dino_vitb8"):
+    cfg = models.VARIANTS[variant]
+    params = jax.eval_shape(lambda k, cfg=cfg: models.init_params(cfg, k), jax.random.PRNGKey(0))
+    out = jax.eval_shape(lambda p, cfg=cfg: models.encode(p, jnp.zeros((1, 4 * cfg.patch_size, 2 * cfg.patch_size, 3)),
+                                                          cfg), params)
+    assert out.patch_tokens.shape == (1, 4, 2, cfg.dim) and out.registers.shape == (1, cfg.num_registers, cfg.dim)
+
+
+def test_conversion_errors_name_the_key(dinov2):
+  _, hub, cfg = dinov2
+  with pytest.raises(models.CheckpointError, match=r"encoder\.layer\.7\.norm1\.weight"):
+    models.hf_to_params({**hub, "encoder.layer.7.norm1.weight": np.zeros(384)}, cfg)
+  with pytest.raises(models.CheckpointError, match=r"Unknown key 'embeddings\.extra'"):
+    models.hf_to_params({**hub, "embeddings.extra": np.zeros(3)}, cfg)
+  missing = {k: v for k, v in hub.items() if k != "encoder.layer.1.mlp.fc2.bias"}
+  with pytest.raises(models.CheckpointError, match=r"encoder\.layer\.1\.mlp\.fc2\.bias.*\(384,\)"):
+    models.hf_to_params(missing, cfg)
+  bad = dict(hub, **{"encoder.layer.0.attention.attention.key.weight": np.zeros((384, 383))})
+  with pytest.raises(models.CheckpointError, match=r"key\.weight.*\(384, 383\).*\(384, 384\)"):
+    models.hf_to_params(bad, cfg)
+  with pytest.raises(models.CheckpointError, match=r"blocks\.0\.ls1\.gamma"):
+    models.meta_to_params({k: v for k, v in _meta_names(hub).items() if k != "blocks.0.ls1.gamma"}, cfg)
+
+
+def test_pth_round_trip_through_restricted_unpickler(dinov2, tmp_path):
+  _, hub, cfg = dinov2
+  meta = {k: torch.from_numpy(np.array(v)) for k, v in _meta_names(hub).items()}
+  meta["blocks.0.attn.proj.weight"] = meta["blocks.0.attn.proj.weight"].t().contiguous().t()  # non-contiguous
+  meta["norm.weight"] = torch.nn.Parameter(meta["norm.weight"])
+  extra = {"half": torch.randn(3, 2).half(), "bf16": torch.randn(5).bfloat16(), "long": torch.arange(4)}
+  path = tmp_path / "ckpt.pth"
+  torch.save({"teacher": meta, "epoch": 3}, path)
+  torch.save(extra, tmp_path / "extra.pth")
+  loaded, _ = checkpoint.read_state_dict(path)
+  for key, value in meta.items():
+    np.testing.assert_array_equal(loaded[key], value.detach().numpy(), err_msg=key)
+  for key, value in checkpoint.read_torch(tmp_path / "extra.pth").items():
+    np.testing.assert_array_equal(np.asarray(value, np.float32), extra[key].float().numpy(), err_msg=key)
+  jax.tree.map(np.testing.assert_array_equal, models.convert_file(path, cfg), models.hf_to_params(hub, cfg))
+
+
+class _Exploit:
+  def __init__(self, target):
+    self.target = target
+
+  def __reduce__(self):
+    return (os.system, (f"touch {self.target}",))
+
+
+def test_malicious_pickle_is_refused_without_running(tmp_path):
+  target = tmp_path / "pwned"
+  torch.save({"weight": torch.zeros(2), "payload": _Exploit(target)}, tmp_path / "evil.pth")
+  with pytest.raises(pickle.UnpicklingError, match=r"refusing to load global (posix|os|nt)\.system"):
+    checkpoint.read_state_dict(tmp_path / "evil.pth")
+  with open(tmp_path / "plain.pth", "wb") as f:
+    pickle.dump(_Exploit(target), f)
+  with pytest.raises(ValueError, match="not a torch.save zip archive"):
+    checkpoint.read_state_dict(tmp_path / "plain.pth")
+  assert not target.exists()
+
+
+def test_safetensors_and_converted_params_round_trip(dinov2, tmp_path):
+  model, hub, cfg = dinov2
+  safetensors.torch.save_file({k: v.contiguous() for k, v in model.state_dict().items()}, tmp_path / "m.safetensors")
+  params = models.convert_file(tmp_path / "m.safetensors", cfg)
+  jax.tree.map(np.testing.assert_array_equal, params, models.hf_to_params(hub, cfg))
+  models.save_params(tmp_path / "converted.safetensors", params, cfg)
+  assert sorted(os.listdir(tmp_path)) == ["converted.safetensors", "m.safetensors"]  # no temp file left behind
+  jax.tree.map(np.testing.assert_array_equal, models.convert_file(tmp_path / "converted.safetensors", cfg), params)
+
+
+def test_load_params_random_and_offline(tmp_path, monkeypatch):
+  params, cfg = models.load_params("random", "dino_vits16", seed=1)
+  assert cfg == models.VARIANTS["dino_vits16"] and params["pos_embed"].shape == (197, 384)
+  def offline(*args, **kwargs):
+    raise OSError("network is unreachable")
+  monkeypatch.setattr("urllib.request.urlopen", offline)
+  with pytest.raises(models.WeightsUnavailableError) as info:
+    models.load_params("meta", "dinov2_vits14_reg", cache_dir=tmp_path)
+  expected_path = tmp_path / "downloads" / "meta" / "dinov2_vits14_reg" / "dinov2_vits14_reg4_pretrain.pth"
+  assert "https://dl.fbaipublicfiles.com/dinov2/dinov2_vits14/dinov2_vits14_reg4_pretrain.pth" in str(info.value)
+  assert str(expected_path) in str(info.value)
+  assert not any(p.is_file() for p in tmp_path.rglob("*"))
+  with pytest.raises(ValueError, match="Unknown ViT variant"):
+    models.load_params("random", "dinov3")
+
+
+def test_convert_weights_binary(dinov2, tmp_path):
+  model, _, _ = dinov2
+  hc = transformers.Dinov2Config(hidden_size=384, num_hidden_layers=12, num_attention_heads=6, image_size=518,
+                                 patch_size=14)
+  full = transformers.Dinov2Model(hc)
+  safetensors.torch.save_file({k: v.contiguous() for k, v in full.state_dict().items()}, tmp_path / "in.safetensors")
+  out = tmp_path / "out.safetensors"
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  result = subprocess.run([sys.executable, "-m", "experiments.convert_weights", f"--input={tmp_path / 'in.safetensors'}",
+                           "--variant=dinov2_vits14", f"--output={out}"], capture_output=True, text=True,
+                          env=env, cwd=os.path.dirname(os.path.dirname(__file__)), timeout=300)
+  assert result.returncode == 0, result.stderr[-2000:]
+  params, cfg = models.load_params(str(out), "dinov2_vits14")
+  np.testing.assert_array_equal(params["norm"]["scale"], full.layernorm.weight.detach().numpy())
