@@ -19,6 +19,8 @@ from pycocotools.coco import COCO
 import jaxseg.data
 import fixtures
 
+# pycocotools' own numpy-2 deprecation noise, not ours.
+pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 MEAN = np.array([0.485, 0.456, 0.406])
 STD = np.array([0.229, 0.224, 0.225])
@@ -87,6 +89,7 @@ def test_voc_extracted_devkit(tmp_path):
   ids = fixtures.make_voc_devkit(tmp_path / "manual", n_train=1, n_val=2)
   source = jaxseg.data.load("voc_seg", "val", data_dir=tmp_path / "data", manual_dir=tmp_path / "manual")
   assert [source[i]["id"] for i in range(len(source))] == sorted(ids["val"])
+  assert source[0]["image"].flags.writeable and source[0]["mask"].flags.writeable
   devkit = tmp_path / "manual" / "VOCdevkit" / "VOC2012"
   np.testing.assert_array_equal(source[-1]["mask"], _palette_indices(
       (devkit / "SegmentationClass" / f"{source[-1]['id']}.png").read_bytes()))
@@ -222,6 +225,19 @@ def test_wrong_manual_dir_lists_expectations(tmp_path, name, expected):
     jaxseg.data.load(name, "val", data_dir=tmp_path / "data", manual_dir=tmp_path / "absent")
 
 
+def test_coco_split_without_images_is_not_built(tmp_path):
+  fixtures.make_coco(tmp_path / "manual", n_train=1, n_val=1, zipped=False)
+  for path in (tmp_path / "manual" / "train2017").iterdir():
+    path.unlink()
+  (tmp_path / "manual" / "train2017").rmdir()
+  source = jaxseg.data.load("coco_object", "val", data_dir=tmp_path / "data", manual_dir=tmp_path / "manual")
+  assert len(source) == 1
+  with pytest.raises(ValueError, match="splits \\['val'\\], not 'train'"):
+    jaxseg.data.load("coco_object", "train", data_dir=tmp_path / "data", manual_dir=tmp_path / "manual")
+  with pytest.raises(ValueError, match="Unknown dataset 'voc'"):
+    jaxseg.data.load("voc", "val", data_dir=tmp_path / "data")
+
+
 def _save(path: pathlib.Path, image: Image.Image, **kwargs):
   path.parent.mkdir(parents=True, exist_ok=True)
   image.save(path, **kwargs)
@@ -304,6 +320,7 @@ def test_batches_shapes_padding_and_normalisation():
   last = out[-1]
   assert last["valid"].tolist() == [True, False] and last["id"] == ["img4", ""]
   assert last["index"].tolist() == [4, -1] and last["size"][1].tolist() == [0, 0]
+  assert not last["image"][1].any()
   for batch in out:
     for slot in np.flatnonzero(batch["valid"]):
       original = source[batch["index"][slot]]["image"]

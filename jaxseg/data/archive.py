@@ -61,18 +61,6 @@ class FileTree:
     with self._tar.extractfile(self._members[full]) as handle:
       return handle.read()
 
-  def list(self, folder: str) -> list[str]:
-    """Sorted paths (relative to the tree root) of the files directly or deeply under `folder`."""
-    prefix = self._full(folder).rstrip("/") + "/"
-    strip = len(self.root) + 1 if self.root else 0
-    if self._members is None:
-      base = self.location / prefix
-      if not base.is_dir():
-        return []
-      return sorted(str(p.relative_to(self.location)).replace(os.sep, "/")[strip:]
-                    for p in base.rglob("*") if p.is_file())
-    return sorted(name[strip:] for name in self._members if name.startswith(prefix))
-
   def close(self):
     for handle in (self._tar, self._zip):
       if handle is not None:

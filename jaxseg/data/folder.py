@@ -25,7 +25,7 @@ def _is_readable_image(path: pathlib.Path) -> bool:
     return False
 
 
-class FolderSource:
+class FolderSource(images.ImageSource):
   """Every image file under a folder, recursively, sorted by relative path.
 
   Items are {"id": relative path without extension ('/'-separated), "image": uint8 [H, W, 3]}
@@ -55,10 +55,9 @@ class FolderSource:
   def __len__(self) -> int:
     return len(self.paths)
 
-  def __getitem__(self, index: int) -> dict:
+  def _open(self, index: int):
     path = self.paths[index]
-    return {"id": self.ids[index],
-            "image": images.decode_rgb(path.read_bytes(), name=str(path), apply_exif=True)}
+    return self.ids[index], images.open_rgb(path.read_bytes(), name=str(path), apply_exif=True), {}
 
 
 def skimage_photos(data_dir: str | os.PathLike) -> pathlib.Path:

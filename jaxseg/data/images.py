@@ -1,6 +1,7 @@
-"""Decoding encoded image bytes into RGB uint8 arrays, and checking them, with PIL."""
+"""Decoding image bytes to RGB with PIL, checking them, resizing; the base of PIL-decoded sources."""
 
 import io
+import operator
 
 import numpy as np
 from PIL import Image
@@ -10,21 +11,21 @@ from PIL import ImageOps
 _WIDE_INTEGER_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N")
 
 
-def _to_rgb(image: Image.Image) -> np.ndarray:
-  """PIL image in any mode -> uint8 [H, W, 3]; alpha is dropped, as `convert("RGB")` does."""
-  if image.mode in _WIDE_INTEGER_MODES:
-    # 16-bit samples: keep the high byte's worth of range, rounding (x * 255 / 65535).
-    wide = np.asarray(image, dtype=np.float64)
-    gray = np.clip(np.rint(wide * (255.0 / 65535.0)), 0, 255).astype(np.uint8)
-    return np.repeat(gray[..., None], 3, axis=-1)
-  if image.mode == "F":
-    gray = np.clip(np.rint(np.asarray(image, dtype=np.float64)), 0, 255).astype(np.uint8)
-    return np.repeat(gray[..., None], 3, axis=-1)
-  return np.asarray(image.convert("RGB"), dtype=np.uint8)
+def _as_rgb(image: Image.Image) -> Image.Image:
+  """PIL image in any mode -> mode "RGB"; alpha is dropped, as `convert("RGB")` does."""
+  if image.mode == "RGB":
+    return image
+  if image.mode not in _WIDE_INTEGER_MODES + ("F",):
+    return image.convert("RGB")
+  values = np.asarray(image, dtype=np.float64)
+  if image.mode != "F":  # 16-bit samples: x * 255 / 65535, rounded; convert() would clip
+    values = values * (255.0 / 65535.0)
+  gray = np.clip(np.rint(values), 0, 255).astype(np.uint8)
+  return Image.fromarray(np.repeat(gray[..., None], 3, axis=-1))
 
 
-def decode_rgb(data: bytes, *, name: str, apply_exif: bool = False) -> np.ndarray:
-  """Decodes encoded image bytes to uint8 [H, W, 3].
+def open_rgb(data: bytes, *, name: str, apply_exif: bool = False) -> Image.Image:
+  """Decodes encoded image bytes to a loaded PIL image in mode "RGB".
 
   Args:
     data: the file's bytes (JPEG, PNG, BMP, WebP, TIFF, ...).
@@ -32,21 +33,56 @@ def decode_rgb(data: bytes, *, name: str, apply_exif: bool = False) -> np.ndarra
     apply_exif: rotate/flip by the EXIF orientation tag (photos from folders). Dataset images
       are decoded as stored, since their annotations are drawn on the stored pixel grid.
 
-  Returns:
-    uint8 [H, W, 3]. Grayscale, palette, CMYK and 16-bit images are converted to RGB; alpha is
-    dropped.
+  Grayscale, palette, CMYK and 16-bit images are converted to RGB; alpha is dropped.
 
   Raises:
     ValueError naming the file if the bytes cannot be decoded.
   """
   try:
-    with Image.open(io.BytesIO(data)) as image:
-      image.load()
-      if apply_exif:
-        image = ImageOps.exif_transpose(image)
-      return _to_rgb(image)
+    image = Image.open(io.BytesIO(data))
+    image.load()
+    if apply_exif:
+      image = ImageOps.exif_transpose(image)
+    return _as_rgb(image)
   except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
     raise ValueError(f"Cannot decode image {name}: {error}") from error
+
+
+def resize(image: Image.Image, image_size: int) -> np.ndarray:
+  """RGB PIL image -> uint8 [S, S, 3], PIL bicubic (antialiased when shrinking)."""
+  return np.asarray(image.resize((image_size, image_size), Image.BICUBIC))
+
+
+class ImageSource:
+  """Base of sources whose items are decoded with PIL.
+
+  Subclasses implement `__len__` and `_open(index) -> (id, RGB PIL image, extra fields)`.
+  `[i]` gives {"id", "image": uint8 [H, W, 3], **extra}; `resized_item(i, S)` gives the image
+  already resized to [S, S, 3] plus "size" (H, W), skipping an array round trip.
+  """
+
+  def __len__(self) -> int:
+    raise NotImplementedError
+
+  def _open(self, index: int) -> tuple[str, Image.Image, dict]:
+    raise NotImplementedError
+
+  def _checked(self, index) -> int:
+    index = operator.index(index)
+    if index < 0:
+      index += len(self)
+    if not 0 <= index < len(self):
+      raise IndexError(f"Index {index} out of range for a source of length {len(self)}.")
+    return index
+
+  def __getitem__(self, index: int) -> dict:
+    image_id, image, extra = self._open(self._checked(index))
+    return {"id": image_id, "image": np.array(image), **extra}  # writeable, unlike asarray
+
+  def resized_item(self, index: int, image_size: int) -> dict:
+    image_id, image, extra = self._open(self._checked(index))
+    return {"id": image_id, "image": resize(image, image_size), "size": (image.height, image.width),
+            **extra}
 
 
 def check_image(data: bytes, *, name: str, size_hw: tuple[int, int] | None = None) -> tuple[int, int]:

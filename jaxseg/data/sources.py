@@ -1,9 +1,9 @@
 """`load` and `class_names`: one entry point for VOC, COCO, image folders and sample photos."""
 
-import operator
 import os
 import pathlib
 
+import numpy as np
 import tensorflow_datasets as tfds
 
 from jaxseg.data import coco
@@ -15,7 +15,7 @@ _BUILDERS = {"voc_seg": (voc.VocSeg, "2012"), "coco_object": (coco.CocoObject, "
 _NAMES = "'voc_seg', 'coco_object', 'folder:/some/path' or 'skimage'"
 
 
-class DatasetSource:
+class DatasetSource(images.ImageSource):
   """A prepared TFDS split read with tfds.data_source, decoded with PIL on access.
 
   Items are {"id": str, "image": uint8 [H, W, 3], "mask": uint8 [H, W]}.
@@ -28,17 +28,11 @@ class DatasetSource:
   def __len__(self) -> int:
     return len(self._records)
 
-  def __getitem__(self, index: int) -> dict:
-    index = operator.index(index)
-    if index < 0:
-      index += len(self)
-    if not 0 <= index < len(self):
-      raise IndexError(f"Index {index} out of range for {self.name} of length {len(self)}.")
+  def _open(self, index: int):
     record = self._records[index]
     image_id = record["id"].decode() if isinstance(record["id"], bytes) else str(record["id"])
-    return {"id": image_id,
-            "image": images.decode_rgb(record["image"], name=f"{self.name} item {image_id}"),
-            "mask": record["mask"]}
+    image = images.open_rgb(record["image"], name=f"{self.name} item {image_id}")
+    return image_id, image, {"mask": np.array(record["mask"])}  # writeable copy
 
 
 def _builder(name: str, data_dir: str | os.PathLike) -> tfds.core.GeneratorBasedBuilder:
