@@ -1,1 +1,116 @@
-"""Palettes, overlays and galleries."""
+"""Palettes, overlays and galleries: numpy arrays and strings in, no files written."""
+
+import base64
+import html
+from collections.abc import Iterable, Sequence
+from typing import NamedTuple
+
+import numpy as np
+
+
+def voc_palette(size: int = 256) -> np.ndarray:
+  """[size, 3] uint8 PASCAL VOC colormap: bits of the label spread over the RGB high bits.
+
+  0 = black background, 255 = (224, 224, 192) void/ignore.
+  """
+  palette = np.zeros((size, 3), np.uint8)
+  for label in range(size):
+    value, red, green, blue = label, 0, 0, 0
+    for shift in range(7, -1, -1):
+      red |= (value & 1) << shift
+      green |= ((value >> 1) & 1) << shift
+      blue |= ((value >> 2) & 1) << shift
+      value >>= 3
+    palette[label] = red, green, blue
+  return palette
+
+
+VOC_PALETTE = voc_palette()
+
+
+def colorize(labels: np.ndarray, palette: np.ndarray = VOC_PALETTE) -> np.ndarray:
+  """[H, W, 3] uint8 colours of a label map labels: [H, W] int in [0, len(palette))."""
+  labels = np.asarray(labels)
+  if labels.size and (labels.min() < 0 or labels.max() >= len(palette)):
+    raise ValueError(f"colorize: labels span [{labels.min()}, {labels.max()}], palette has {len(palette)} entries")
+  return np.asarray(palette, np.uint8)[labels]
+
+
+def overlay(image: np.ndarray, labels: np.ndarray, alpha: float = 0.5,
+            palette: np.ndarray = VOC_PALETTE) -> np.ndarray:
+  """Blends label colours over an image where labels != 0 (background shows the image).
+
+  Args:
+    image: [H, W, 3] uint8 RGB, or [H, W] grayscale.
+    labels: [H, W] int label map of the same size.
+    alpha: weight of the label colour, in [0, 1].
+    palette: [L, 3] uint8.
+
+  Returns:
+    [H, W, 3] uint8.
+  """
+  image = np.asarray(image)
+  if image.ndim == 2:
+    image = np.repeat(image[..., None], 3, axis=-1)
+  if image.shape[:2] != np.shape(labels) or image.shape[-1] != 3:
+    raise ValueError(f"overlay: image {image.shape} and labels {np.shape(labels)} must be [H, W, 3] and [H, W]")
+  if not 0.0 <= alpha <= 1.0:
+    raise ValueError(f"overlay: alpha={alpha} must be in [0, 1]")
+  colours = colorize(labels, palette).astype(np.float32)
+  blended = (1.0 - alpha) * image.astype(np.float32) + alpha * colours
+  blended = np.where((np.asarray(labels) != 0)[..., None], blended, image)
+  return np.clip(np.rint(blended), 0, 255).astype(np.uint8)
+
+
+class GalleryRow(NamedTuple):
+  """One image of a gallery.
+
+  Attributes:
+    id: image id, shown as the row title.
+    score: e.g. per-image mIoU in [0, 1]; None if unknown (no ground truth).
+    images: one entry per column: PNG bytes (embedded) or a file name relative
+      to the HTML file (linked).
+  """
+  id: str
+  score: float | None
+  images: Sequence[bytes | str]
+
+
+def _source(image: bytes | str) -> str:
+  if isinstance(image, bytes):
+    return "data:image/png;base64," + base64.b64encode(image).decode("ascii")
+  return html.escape(image, quote=True)
+
+
+def gallery_html(rows: Iterable[GalleryRow], columns: Sequence[str] = ("image", "ground truth", "prediction"), *,
+                 title: str = "jaxseg gallery", worst_first: bool = True) -> str:
+  """A self-contained HTML page showing each row's images side by side.
+
+  Args:
+    rows: GalleryRow per image, each with len(columns) images.
+    columns: column headings.
+    title: page title.
+    worst_first: order rows by ascending score (None last, ties by id);
+      False keeps the given order.
+
+  Returns:
+    The HTML document.
+  """
+  rows = list(rows)
+  for row in rows:
+    if len(row.images) != len(columns):
+      raise ValueError(f"gallery_html: row {row.id!r} has {len(row.images)} images for {len(columns)} columns")
+  if worst_first:
+    rows.sort(key=lambda r: (r.score is None, r.score if r.score is not None else 0.0, str(r.id)))
+  head = "".join(f"<th>{html.escape(c)}</th>" for c in columns)
+  body = []
+  for row in rows:
+    score = "n/a" if row.score is None else f"{100 * row.score:.1f}%"
+    cells = "".join(f'<td><img src="{_source(image)}" alt="{html.escape(column, quote=True)}"></td>'
+                    for image, column in zip(row.images, columns))
+    body.append(f"<tr><th>{html.escape(str(row.id))}<br>{score}</th>{cells}</tr>")
+  return (f"<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\"><title>{html.escape(title)}</title>\n"
+          "<style>body{font-family:sans-serif}img{max-width:320px;max-height:320px}"
+          "td,th{padding:4px;vertical-align:top}</style></head>\n"
+          f"<body><h1>{html.escape(title)}</h1>\n<table>\n<tr><th>id / score</th>{head}</tr>\n"
+          + "\n".join(body) + "\n</table></body></html>\n")

@@ -1,0 +1,49 @@
+"""Palette against the published VOC colours; overlays and the gallery page."""
+
+import base64
+
+import numpy as np
+import pytest
+
+from jaxseg import viz
+
+# Colours of VOC2012 SegmentationClass PNGs: background, aeroplane, bicycle, bird, boat, person, tvmonitor, void.
+KNOWN = {0: (0, 0, 0), 1: (128, 0, 0), 2: (0, 128, 0), 3: (128, 128, 0), 4: (0, 0, 128), 15: (192, 128, 128),
+         20: (0, 64, 128), 255: (224, 224, 192)}
+
+
+def test_voc_palette_matches_published_colours():
+  palette = viz.voc_palette()
+  assert palette.shape == (256, 3) and palette.dtype == np.uint8
+  for label, colour in KNOWN.items():
+    assert tuple(palette[label]) == colour, label
+  assert len({tuple(c) for c in palette}) == 256
+
+
+def test_colorize_and_overlay():
+  labels = np.array([[0, 1], [15, 255]])
+  np.testing.assert_array_equal(viz.colorize(labels), [[KNOWN[0], KNOWN[1]], [KNOWN[15], KNOWN[255]]])
+  image = np.full((2, 2, 3), 100, np.uint8)
+  blended = viz.overlay(image, labels, alpha=0.25)
+  assert tuple(blended[0, 0]) == (100, 100, 100)  # background shows the image
+  assert tuple(blended[0, 1]) == (107, 75, 75)  # 0.75 * 100 + 0.25 * (128, 0, 0)
+  assert viz.overlay(image[..., 0], labels).shape == (2, 2, 3)
+  with pytest.raises(ValueError, match="labels span"):
+    viz.colorize(np.array([256]))
+  with pytest.raises(ValueError, match="overlay"):
+    viz.overlay(image, labels[:1])
+
+
+def test_gallery_orders_worst_first_and_embeds_or_links():
+  png = b"\x89PNG fake"
+  rows = [viz.GalleryRow("good", 0.9, ["a.png", png]), viz.GalleryRow("<bad>", 0.1, ["b.png", png]),
+          viz.GalleryRow("no-gt", None, ["c.png", png])]
+  page = viz.gallery_html(rows, columns=("image", "prediction"))
+  assert page.index("&lt;bad&gt;") < page.index("good") < page.index("no-gt")
+  assert "<bad>" not in page
+  assert 'src="a.png"' in page and base64.b64encode(png).decode() in page
+  assert "10.0%" in page and "n/a" in page
+  given = viz.gallery_html(rows, columns=("image", "prediction"), worst_first=False)
+  assert given.index("good") < given.index("&lt;bad&gt;")
+  with pytest.raises(ValueError, match="columns"):
+    viz.gallery_html(rows)
