@@ -39,22 +39,23 @@ def _palette_indices(data: bytes) -> np.ndarray:
   return np.vectorize(lookup.__getitem__)(colours @ np.array([65536, 256, 1])).astype(np.uint8)
 
 
+def _prepared(tmp_path_factory, name: str, make_fixture):
+  """(root, fixture ids, {split: source}) for a dataset written by make_fixture(root/manual)."""
+  root = tmp_path_factory.mktemp(name)
+  ids = make_fixture(root / "manual")
+  splits = {split: jaxseg.data.load(name, split, data_dir=root / "data", manual_dir=root / "manual")
+            for split in ("train", "val")}
+  return root, ids, splits
+
+
 @pytest.fixture(scope="module")
 def voc(tmp_path_factory):
-  root = tmp_path_factory.mktemp("voc")
-  ids = fixtures.make_voc_tar(root / "manual")
-  splits = {split: jaxseg.data.load("voc_seg", split, data_dir=root / "data",
-                                    manual_dir=root / "manual") for split in ("train", "val")}
-  return root, ids, splits
+  return _prepared(tmp_path_factory, "voc_seg", fixtures.make_voc_tar)
 
 
 @pytest.fixture(scope="module")
 def coco(tmp_path_factory):
-  root = tmp_path_factory.mktemp("coco")
-  ids = fixtures.make_coco(root / "manual")
-  splits = {split: jaxseg.data.load("coco_object", split, data_dir=root / "data",
-                                    manual_dir=root / "manual") for split in ("train", "val")}
-  return root, ids, splits
+  return _prepared(tmp_path_factory, "coco_object", fixtures.make_coco)
 
 
 def test_voc_matches_tar_files(voc):

@@ -23,18 +23,14 @@ class SegmentationBuilder(tfds.core.GeneratorBasedBuilder):
   code_path = epath.Path(__file__)
 
   def _info(self) -> tfds.core.DatasetInfo:
-    return _segmentation_info(self)
-
-
-def _segmentation_info(builder: SegmentationBuilder) -> tfds.core.DatasetInfo:
-  features = tfds.features.FeaturesDict({
-      "id": tfds.features.Text(),
-      "image": tfds.features.Tensor(shape=(), dtype=np.object_),
-      "mask": tfds.features.Tensor(shape=(None, None), dtype=np.uint8, encoding="zlib"),
-  })
-  return tfds.core.DatasetInfo(builder=builder, description=builder.DESCRIPTION, features=features,
-                               homepage=builder.HOMEPAGE, citation=builder.CITATION,
-                               disable_shuffling=True)
+    features = tfds.features.FeaturesDict({
+        "id": tfds.features.Text(),
+        "image": tfds.features.Tensor(shape=(), dtype=np.object_),
+        "mask": tfds.features.Tensor(shape=(None, None), dtype=np.uint8, encoding="zlib"),
+    })
+    return tfds.core.DatasetInfo(builder=self, description=self.DESCRIPTION, features=features,
+                                 homepage=self.HOMEPAGE, citation=self.CITATION,
+                                 disable_shuffling=True)
 
 
 def configured_manual_dir(dl_manager: tfds.download.DownloadManager) -> pathlib.Path | None:
