@@ -7,6 +7,8 @@ LayerNorm eps 1e-6, exact-erf GELU or SwiGLU, optional layerscale, CLS then regi
 patches, position embeddings added before the registers are inserted.
 """
 
+import functools
+import math
 from typing import Any
 
 import flax.struct
@@ -63,6 +65,15 @@ def _mlp(x: jax.Array, mlp: Params, cfg: ViTConfig, dtype) -> jax.Array:
   return _dense(jax.nn.gelu(_dense(x, mlp["fc1"], dtype), approximate=False), mlp["fc2"], dtype)
 
 
+def _attend(q: jax.Array, k: jax.Array, v: jax.Array, key_bias: jax.Array | None, dtype) -> jax.Array:
+  """softmax(q k^T + bias) v for one image. q, k, v: [N, heads, head_dim] (q pre-scaled); key_bias: [N]."""
+  logits = jnp.einsum("qhd,khd->hqk", q, k, preferred_element_type=jnp.float32)
+  if key_bias is not None:
+    logits = logits + key_bias
+  probs = jax.nn.softmax(logits, axis=-1).astype(dtype)
+  return jnp.einsum("hqk,khd->qhd", probs, v)
+
+
 def _attention(x: jax.Array, attn: Params, cfg: ViTConfig, key_bias: jax.Array | None, dtype):
   """Multi-head self-attention. x: [B, N, D]; key_bias: [B, N] additive logit bias or None.
 
@@ -73,13 +84,13 @@ def _attention(x: jax.Array, attn: Params, cfg: ViTConfig, key_bias: jax.Array |
   qkv = _dense(x, attn["qkv"], dtype)
   q, k, v = jnp.split(qkv, 3, axis=-1)
   heads = lambda t: t.reshape(batch, tokens, cfg.num_heads, cfg.head_dim)
-  logits = jnp.einsum("bqhd,bkhd->bhqk", heads(q) * jnp.asarray(cfg.head_dim ** -0.5, dtype), heads(k),
-                      preferred_element_type=jnp.float32)
-  if key_bias is not None:
-    logits = logits + key_bias[:, None, None, :]
-  probs = jax.nn.softmax(logits, axis=-1).astype(dtype)
-  out = jnp.einsum("bhqk,bkhd->bqhd", probs, heads(v)).reshape(batch, tokens, cfg.dim)
-  return _dense(out, attn["proj"], dtype), (q, k, v)
+  operands = (heads(q) * jnp.asarray(cfg.head_dim ** -0.5, dtype), heads(k), heads(v), key_bias)
+  if jax.default_backend() == "cpu":
+    # One image at a time keeps the [heads, N, N] logits in cache: ~3x faster than batched on CPU.
+    out = jax.lax.map(lambda args: _attend(*args, dtype), operands)
+  else:
+    out = jax.vmap(_attend, in_axes=(0, 0, 0, 0, None))(*operands, dtype)
+  return _dense(out.reshape(batch, tokens, cfg.dim), attn["proj"], dtype), (q, k, v)
 
 
 def _block(x: jax.Array, block: Params, cfg: ViTConfig, key_bias: jax.Array | None, dtype):
@@ -209,8 +220,11 @@ def _is_shape(node) -> bool:
   return isinstance(node, tuple) and all(isinstance(n, int) for n in node)
 
 
+@functools.partial(jax.jit, static_argnums=0)
 def init_params(cfg: ViTConfig, key: jax.Array) -> Params:
-  """Random parameters (truncated normal std 0.02 weights, zero biases, unit norms and layerscale).
+  """Random parameters (normal std 0.02 weights, zero biases, unit norms and layerscale).
+
+  Jitted (one compilation per cfg) with cfg static.
 
   Args:
     cfg: the architecture.
@@ -220,15 +234,18 @@ def init_params(cfg: ViTConfig, key: jax.Array) -> Params:
     The parameter pytree, float32; kernels are [in, out] (patch_embed [p, p, 3, D]).
   """
   shapes = param_shapes(cfg)
-  leaves, treedef = jax.tree.flatten(shapes, is_leaf=_is_shape)
-  paths = [jax.tree_util.keystr(path) for path, _ in jax.tree.flatten_with_path(shapes, is_leaf=_is_shape)[0]]
-  keys = jax.random.split(key, len(leaves))
-  out = []
-  for path, shape, k in zip(paths, leaves, keys):
-    if "'scale'" in path or "'ls" in path:
+  flat, treedef = jax.tree_util.tree_flatten_with_path(shapes, is_leaf=_is_shape)
+  # One normal draw sliced into every weight: a single RNG op keeps compilation short.
+  sizes = [math.prod(shape) for _, shape in flat]
+  noise = 0.02 * jax.random.normal(key, (sum(sizes),), jnp.float32)
+  out, offset = [], 0
+  for (path, shape), size in zip(flat, sizes):
+    name = jax.tree_util.keystr(path)
+    if "'scale'" in name or "'ls" in name:
       out.append(jnp.ones(shape, jnp.float32))
-    elif "'bias'" in path:
+    elif "'bias'" in name:
       out.append(jnp.zeros(shape, jnp.float32))
     else:
-      out.append(0.02 * jax.random.truncated_normal(k, -2.0, 2.0, shape, jnp.float32))
+      out.append(noise[offset:offset + size].reshape(shape))
+    offset += size
   return jax.tree.unflatten(treedef, out)
