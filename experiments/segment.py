@@ -4,13 +4,16 @@ r"""Segment a dataset split with the multilevel clustering method.
 """
 
 import pathlib
+import sys
 
 from absl import app
 from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+from experiments import pipeline
 from experiments.common import config_fields
+from jaxseg import models
 
 _DEFAULT_CONFIG = pathlib.Path(__file__).resolve().parents[1] / "configs" / "demo.py"
 _CONFIG = config_flags.DEFINE_config_file(
@@ -25,6 +28,13 @@ def main(argv):
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   logging.info("workdir: %s", _WORKDIR.value)
   logging.info("config:\n%s", _CONFIG.value)
+  try:
+    result = pipeline.run(_CONFIG.value, _WORKDIR.value)
+  except models.WeightsUnavailableError as e:
+    logging.error("%s", e)
+    sys.exit(f"error: {e}")
+  summary = {k: result[k] for k in ("num_images", "miou", "pixel_accuracy", "fg_iou") if k in result}
+  logging.info("done: %s; see %s/metrics.json and gallery.html", summary, _WORKDIR.value)
 
 
 if __name__ == "__main__":
