@@ -18,17 +18,16 @@ _GOLDEN = np.uint32(0x9E3779B1)
 
 
 class HashTable(NamedTuple):
-  """Unique keys with dense ids.
+  """Unique keys with dense ids in order of first occurrence (as a sequential insert would give).
 
-  owner: [T] int32, for each slot the index of the entry whose key lives there,
-    or the number of entries when the slot is empty.
-  slot_id: [T] int32, dense id (0..num_unique-1, in slot order) of each occupied slot.
-  entry_id: [E] int32, dense id of each inserted entry's key.
+  owner: [T] int32, for each slot the first entry whose key lives there, or E when empty.
+  entry_id: [E] int32, dense id (0..num_unique-1) of each entry's key.
+  first_entry: [E] int32, for each id the first entry with that key (0 past num_unique).
   num_unique: [] int32.
   """
   owner: jnp.ndarray
-  slot_id: jnp.ndarray
   entry_id: jnp.ndarray
+  first_entry: jnp.ndarray
   num_unique: jnp.ndarray
 
 
@@ -75,10 +74,14 @@ def insert(keys: jnp.ndarray) -> HashTable:
   owner = jnp.full((size,), num_entries, jnp.int32)
   done = jnp.zeros((num_entries,), bool)
   owner, slot, _ = jax.lax.while_loop(unfinished, probe, (owner, _home_slot(keys, log2_size), done))
-  occupied = owner < num_entries
-  slot_id = jnp.cumsum(occupied, dtype=jnp.int32) - 1
-  return HashTable(owner=owner, slot_id=slot_id, entry_id=slot_id[slot],
-                   num_unique=jnp.sum(occupied, dtype=jnp.int32))
+  # Scatter-min made each slot's owner its key's first entry; number keys in that order.
+  first_of_key = owner[slot]
+  is_first = first_of_key == entry
+  first_id = jnp.cumsum(is_first, dtype=jnp.int32) - 1
+  first_entry = jnp.zeros((num_entries,), jnp.int32).at[
+      jnp.where(is_first, first_id, num_entries)].set(entry, mode="drop")
+  return HashTable(owner=owner, entry_id=first_id[first_of_key], first_entry=first_entry,
+                   num_unique=jnp.sum(is_first, dtype=jnp.int32))
 
 
 def lookup(table: HashTable, keys: jnp.ndarray, queries: jnp.ndarray, valid: jnp.ndarray) -> jnp.ndarray:
@@ -105,7 +108,7 @@ def lookup(table: HashTable, keys: jnp.ndarray, queries: jnp.ndarray, valid: jnp
     current = table.owner[slot]
     empty = current == num_entries
     match = ~empty & jnp.all(keys.at[current].get(mode="clip") == queries, axis=-1)
-    found = jnp.where(~done & match, table.slot_id[slot], found)
+    found = jnp.where(~done & match, table.entry_id[jnp.minimum(current, num_entries - 1)], found)
     done = done | empty | match
     slot = jnp.where(done, slot, (slot + 1) & (size - 1))
     return slot, done, found

@@ -5,13 +5,18 @@ vertices of each point's enclosing simplex with barycentric weights, blur with
 [1/2, 1, 1/2] along each of the d+1 lattice directions in turn (0..d), slice
 back with the same weights and scale by alpha = 1 / (1 + 2^-d).
 
-The number of lattice points M is data dependent; arrays are sized by a static
-capacity C (at most N*(d+1), which always suffices). Build once per feature
-set, then filter any number of value arrays.
+The number of lattice points M is data dependent while XLA shapes are static.
+A lattice is sized for a static capacity C (N*(d+1) by default, which can never
+overflow) and carries a static ladder of smaller capacities C, C/4, C/16, ...;
+each filter runs (through lax.switch) at the smallest rung that holds M, so
+the blur costs what the lattice actually uses. Build once per feature set,
+then filter any number of value arrays.
 """
 
-from typing import NamedTuple, Optional
+import functools
+from typing import Optional, Tuple
 
+import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -19,30 +24,50 @@ import numpy as np
 from jaxseg.crf import hash_table
 from jaxseg.crf.simplex import enclosing_simplices
 
+_LADDER_FACTOR = 4
+_LADDER_MIN = 2048
 
-class Lattice(NamedTuple):
-  """A built permutohedral lattice (a pytree of arrays).
 
-  offsets: [N, d+1] int32, lattice point of each simplex vertex of each input point.
+@flax.struct.dataclass
+class Lattice:
+  """A built permutohedral lattice (a pytree; `capacities` is static).
+
+  offsets: [N, d+1] int32, lattice point (0..M-1) of each simplex vertex of each input point.
   weights: [N, d+1] float32, barycentric weights of those vertices.
-  neighbors: [d+1, 2, C+1] int32, for each direction and lattice point the two
-    blur neighbours (-1 and +1 steps); C (a zero row) where absent. Row C is
-    the zero row itself.
-  num_points: [] int32, M, the number of lattice points in use.
+  neighbors: [d+1, 2, C+1] int32, for each direction and lattice point its -1
+    and +1 blur neighbours, or C (a zero row) where absent; row C is the zero row.
+  num_points: [] int32, M.
+  capacities: static, descending capacities whose first is C; filters run at
+    the smallest one >= M.
   """
   offsets: jnp.ndarray
   weights: jnp.ndarray
   neighbors: jnp.ndarray
   num_points: jnp.ndarray
+  capacities: Tuple[int, ...] = flax.struct.field(pytree_node=False)
 
   @property
   def capacity(self) -> int:
-    return self.neighbors.shape[-1] - 1
+    return self.capacities[0]
 
 
 def max_points(num_inputs: int, dim: int) -> int:
-  """Static bound on the number of lattice points: N*(d+1)."""
+  """Static bound on the number of lattice points of N inputs in d dimensions: N*(d+1)."""
   return num_inputs * (dim + 1)
+
+
+def capacity_ladder(capacity: int) -> Tuple[int, ...]:
+  """C, C/4, C/16, ... down to about 2048 (descending, static)."""
+  rungs = [capacity]
+  while rungs[-1] // _LADDER_FACTOR >= _LADDER_MIN:
+    rungs.append(-(-rungs[-1] // _LADDER_FACTOR))
+  return tuple(rungs)
+
+
+def _rung(num_points: jnp.ndarray, capacities: Tuple[int, ...]) -> jnp.ndarray:
+  """Index of the smallest capacity >= num_points (0 if none, i.e. overflow)."""
+  fits = num_points <= jnp.asarray(capacities, jnp.int32)
+  return jnp.maximum(jnp.sum(fits, dtype=jnp.int32) - 1, 0)
 
 
 def _neighbor_steps(dim: int) -> np.ndarray:
@@ -56,49 +81,17 @@ def _neighbor_steps(dim: int) -> np.ndarray:
   return steps
 
 
-def points_and_table(features: jnp.ndarray):
-  """First half of the build, independent of the capacity.
-
-  Args:
-    features: [N, d] float32.
-
-  Returns:
-    (simplex keys [N*(d+1), d] int32, weights [N, d+1], hash table of the keys).
-  """
-  simplices = enclosing_simplices(features)
-  dim = features.shape[-1]
-  keys = simplices.keys.reshape(-1, dim)
-  return keys, simplices.weights, hash_table.insert(keys)
-
-
-def finish_lattice(keys: jnp.ndarray, weights: jnp.ndarray, table: hash_table.HashTable,
-                   capacity: int) -> Lattice:
-  """Second half of the build: blur neighbours of the first `capacity` lattice points.
-
-  Args:
-    keys: [N*(d+1), d] int32, from points_and_table.
-    weights: [N, d+1] float32.
-    table: the hash table of keys.
-    capacity: static C >= table.num_unique for a valid lattice.
-
-  Returns:
-    Lattice with capacity C.
-  """
-  num_entries, dim = keys.shape
-  point_ids = jnp.arange(capacity, dtype=jnp.int32)
-  occupied_slots = table.owner < num_entries
-  # Entry that owns each lattice point's slot (the point's key).
-  point_entry = jnp.zeros((capacity,), jnp.int32).at[
-      jnp.where(occupied_slots, table.slot_id, capacity)].set(table.owner, mode="drop")
-  point_keys = keys[point_entry]  # [C, d]
-  queries = point_keys[:, None, None, :] + jnp.asarray(_neighbor_steps(dim))  # [C, d+1, 2, d]
-  valid = jnp.broadcast_to((point_ids < table.num_unique)[:, None, None], queries.shape[:-1])
+def _neighbors_at(keys: jnp.ndarray, table: hash_table.HashTable, rung: int,
+                  capacity: int) -> jnp.ndarray:
+  """Blur neighbours of lattice points 0..rung-1, as [d+1, 2, capacity+1] int32 (capacity where absent)."""
+  dim = keys.shape[-1]
+  queries = keys[table.first_entry[:rung]][:, None, None, :] + jnp.asarray(_neighbor_steps(dim))  # [R, d+1, 2, d]
+  in_use = jnp.arange(rung) < table.num_unique
+  valid = jnp.broadcast_to(in_use[:, None, None], queries.shape[:-1])
   found = hash_table.lookup(table, keys, queries.reshape(-1, dim), valid.reshape(-1))
-  found = jnp.where((found < 0) | (found >= capacity), capacity, found)
-  neighbors = jnp.transpose(found.reshape(capacity, dim + 1, 2), (1, 2, 0))
-  neighbors = jnp.concatenate([neighbors, jnp.full((dim + 1, 2, 1), capacity, jnp.int32)], axis=-1)
-  offsets = table.entry_id.reshape(weights.shape)
-  return Lattice(offsets=offsets, weights=weights, neighbors=neighbors, num_points=table.num_unique)
+  found = jnp.where(found < 0, capacity, found)
+  neighbors = jnp.transpose(found.reshape(rung, dim + 1, 2), (1, 2, 0))
+  return jnp.pad(neighbors, ((0, 0), (0, 0), (0, capacity + 1 - rung)), constant_values=capacity)
 
 
 def build_lattice(features: jnp.ndarray, capacity: Optional[int] = None) -> Lattice:
@@ -110,7 +103,7 @@ def build_lattice(features: jnp.ndarray, capacity: Optional[int] = None) -> Latt
     capacity: static number of lattice points to make room for; defaults to
       N*(d+1), which can never overflow. With a smaller capacity, a lattice
       whose num_points exceeds it is invalid and lattice_filter returns NaN
-      for it (check lattice.num_points).
+      for it.
 
   Returns:
     Lattice.
@@ -118,31 +111,114 @@ def build_lattice(features: jnp.ndarray, capacity: Optional[int] = None) -> Latt
   num_inputs, dim = features.shape
   if capacity is None:
     capacity = max_points(num_inputs, dim)
-  keys, weights, table = points_and_table(features)
-  return finish_lattice(keys, weights, table, capacity)
+  simplices = enclosing_simplices(features)
+  keys = simplices.keys.reshape(-1, dim)
+  table = hash_table.insert(keys)
+  capacities = capacity_ladder(capacity)
+  branches = [functools.partial(_neighbors_at, rung=rung, capacity=capacity) for rung in capacities]
+  neighbors = jax.lax.switch(_rung(table.num_unique, capacities), branches, keys, table)
+  return Lattice(offsets=table.entry_id.reshape(num_inputs, dim + 1), weights=simplices.weights,
+                 neighbors=neighbors, num_points=table.num_unique, capacities=capacities)
 
 
+def compact(lattice: Lattice) -> Lattice:
+  """Shrinks a concrete (not traced) lattice to capacity M exactly: a constant lattice for reuse."""
+  num_points = int(lattice.num_points)
+  neighbors = np.minimum(np.asarray(lattice.neighbors)[:, :, :num_points + 1], num_points)
+  neighbors[:, :, num_points] = num_points
+  return Lattice(offsets=lattice.offsets, weights=lattice.weights, neighbors=jnp.asarray(neighbors),
+                 num_points=lattice.num_points, capacities=(num_points,))
+
+
+def _filter_at(lattice: Lattice, values: jnp.ndarray, rung: int, reverse: bool) -> jnp.ndarray:
+  """Splat, blur, slice on the first `rung` lattice points. values: [N, L] -> [N, L]."""
+  num_inputs, num_values = values.shape
+  dim = lattice.offsets.shape[-1] - 1
+  neighbors = jnp.minimum(lattice.neighbors[:, :, :rung + 1], rung).at[:, :, rung].set(rung)
+  if reverse:
+    neighbors = neighbors[::-1]
+  contributions = lattice.weights[:, :, None] * values[:, None, :]  # [N, d+1, L]
+  grid = jax.ops.segment_sum(contributions.reshape(-1, num_values), lattice.offsets.reshape(-1),
+                             num_segments=rung + 1)
+
+  # One scan step per direction: unrolled, XLA would fuse the steps and recompute.
+  def blur(grid, pair):
+    return grid + 0.5 * (grid[pair[0]] + grid[pair[1]]), None
+
+  grid, _ = jax.lax.scan(blur, grid, neighbors)
+  alpha = np.float32(1.0 / (1.0 + 2.0 ** -dim))
+  out = jnp.zeros((num_inputs, num_values), jnp.float32)
+  for r in range(dim + 1):
+    out = out + (lattice.weights[:, r:r + 1] * alpha) * grid[lattice.offsets[:, r]]
+  return out
+
+
+def _filter(lattice: Lattice, values: jnp.ndarray, reverse: bool) -> jnp.ndarray:
+  """Runs the filter at the smallest capacity rung that holds the lattice; NaN on overflow."""
+  branches = [functools.partial(_filter_at, rung=rung, reverse=reverse) for rung in lattice.capacities]
+  if len(branches) == 1:
+    out = branches[0](lattice, values)
+  else:
+    out = jax.lax.switch(_rung(lattice.num_points, lattice.capacities), branches, lattice, values)
+  return jnp.where(lattice.num_points <= lattice.capacity, out, jnp.nan)
+
+
+def _filter_batched(reverse: bool, axis_size: int, in_batched, lattice: Lattice, values: jnp.ndarray):
+  """vmap rule: one rung for the whole batch (the largest needed), not every rung per image."""
+  lattice_batched, values_batched = in_batched
+  if not any(jax.tree_util.tree_leaves(lattice_batched)):
+    # One lattice for all: filter the batch as extra value columns.
+    stacked = values if values_batched else values[None]
+    num_inputs, num_values = stacked.shape[1:]
+    columns = jnp.transpose(stacked, (1, 0, 2)).reshape(num_inputs, -1)
+    out = _filter(lattice, columns, reverse).reshape(num_inputs, -1, num_values)
+    return jnp.transpose(out, (1, 0, 2)), values_batched
+  lattice = jax.tree_util.tree_map(
+      lambda leaf, batched: leaf if batched else jnp.broadcast_to(leaf, (axis_size,) + leaf.shape),
+      lattice, lattice_batched)
+  if not values_batched:
+    values = jnp.broadcast_to(values, (axis_size,) + values.shape)
+  rung = jnp.max(jax.vmap(_rung, in_axes=(0, None))(lattice.num_points, lattice.capacities))
+  branches = [jax.vmap(functools.partial(_filter_at, rung=r, reverse=reverse)) for r in lattice.capacities]
+  out = jax.lax.switch(rung, branches, lattice, values)
+  overflow = (lattice.num_points > lattice.capacity)[:, None, None]
+  return jnp.where(overflow, jnp.nan, out), True
+
+
+def _make_filter(reverse: bool):
+  filt = jax.custom_batching.custom_vmap(functools.partial(_filter, reverse=reverse))
+  filt.def_vmap(functools.partial(_filter_batched, reverse))
+  return filt
+
+
+_forward_filter = _make_filter(reverse=False)
+_reverse_filter = _make_filter(reverse=True)
+
+
+@jax.custom_vjp
 def lattice_filter(lattice: Lattice, values: jnp.ndarray) -> jnp.ndarray:
-  """Approximate Gaussian filter: out_i = sum_j exp(-|f_i - f_j|^2 / 2) v_j, as pydensecrf computes it.
+  """Approximate Gaussian filter out_i = sum_j exp(-|f_i - f_j|^2 / 2) v_j, as pydensecrf computes it.
+
+  Jittable, vmappable (a batch runs at one capacity rung, the largest needed)
+  and differentiable with respect to values (the transpose filter blurs the
+  directions in reverse order, as pydensecrf's compute(..., reverse=true)).
 
   Args:
     lattice: from build_lattice(features [N, d]).
     values: [N, L] float32.
 
   Returns:
-    [N, L] float32. NaN everywhere if the lattice overflowed its capacity.
+    [N, L] float32; NaN everywhere if the lattice overflowed its capacity.
   """
-  num_inputs, num_values = values.shape
-  dim = lattice.offsets.shape[-1] - 1
-  capacity = lattice.capacity
-  contributions = lattice.weights[:, :, None] * values[:, None, :]  # [N, d+1, L]
-  grid = jax.ops.segment_sum(contributions.reshape(-1, num_values), lattice.offsets.reshape(-1),
-                             num_segments=capacity + 1)
-  for direction in range(dim + 1):
-    minus, plus = lattice.neighbors[direction, 0], lattice.neighbors[direction, 1]
-    grid = grid + 0.5 * (grid[minus] + grid[plus])
-  alpha = np.float32(1.0 / (1.0 + 2.0 ** -dim))
-  out = jnp.zeros((num_inputs, num_values), jnp.float32)
-  for r in range(dim + 1):
-    out = out + (lattice.weights[:, r:r + 1] * alpha) * grid[lattice.offsets[:, r]]
-  return jnp.where(lattice.num_points <= capacity, out, jnp.nan)
+  return _forward_filter(lattice, values)
+
+
+def _lattice_filter_fwd(lattice, values):
+  return _forward_filter(lattice, values), lattice
+
+
+def _lattice_filter_bwd(lattice, cotangent):
+  return None, _reverse_filter(lattice, cotangent)
+
+
+lattice_filter.defvjp(_lattice_filter_fwd, _lattice_filter_bwd)

@@ -1,16 +1,31 @@
 """Mean-field inference in a fully connected CRF, as pydensecrf's DenseCRF2D computes it."""
 
+import functools
+from typing import Tuple
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxseg.crf.lattice import Lattice, build_lattice, lattice_filter
+from jaxseg.crf.lattice import Lattice, build_lattice, compact, lattice_filter
 
 
 def gaussian_features(height: int, width: int, sxy: float) -> jnp.ndarray:
   """[H*W, 2] float32 features (x / sxy, y / sxy), row-major pixels."""
   y, x = np.mgrid[:height, :width].astype(np.float32)
   return jnp.asarray(np.stack([x, y], axis=-1).reshape(-1, 2) / np.float32(sxy))
+
+
+@functools.lru_cache(maxsize=16)
+def gaussian_kernel(height: int, width: int, sxy: float) -> Tuple[Lattice, np.ndarray]:
+  """The position-only lattice and its symmetric norm [N, 1].
+
+  Both are functions of static sizes: built once per shape, compacted to M
+  lattice points, and embedded as constants.
+  """
+  with jax.ensure_compile_time_eval():
+    lattice = compact(jax.jit(build_lattice)(gaussian_features(height, width, sxy)))
+    return lattice, np.asarray(jax.jit(symmetric_norm)(lattice))
 
 
 def bilateral_features(image: jnp.ndarray, sxy: float, srgb: float) -> jnp.ndarray:
@@ -62,10 +77,10 @@ def dense_crf(image: jnp.ndarray, unary: jnp.ndarray, *, iterations: int = 10,
     Q: [H, W, L] float32.
   """
   height, width, num_labels = unary.shape
-  gaussian = build_lattice(gaussian_features(height, width, gaussian_sxy))
+  gaussian, gaussian_norm = gaussian_kernel(height, width, float(gaussian_sxy))
   bilateral = build_lattice(bilateral_features(image, bilateral_sxy, bilateral_srgb))
   lattices = (gaussian, bilateral)
-  norms = tuple(symmetric_norm(lattice) for lattice in lattices)
+  norms = (jnp.asarray(gaussian_norm), symmetric_norm(bilateral))
   q = mean_field(unary.reshape(-1, num_labels).astype(jnp.float32), lattices, norms,
                  (gaussian_weight, bilateral_weight), iterations)
   return q.reshape(height, width, num_labels)
