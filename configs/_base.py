@@ -41,4 +41,11 @@ def get_base_config() -> ml_collections.ConfigDict:
   config.crf.bilateral_weight = 4.0
 
   config.gallery_size = 48  # images shown in gallery.html, worst first
+
+  # Several hosts (experiments/distributed.py). Empty = one process, unless the environment
+  # names a coordinator (JAX_COORDINATOR_ADDRESS) or is a multi-task Slurm / Open MPI job.
+  config.distributed = ml_collections.ConfigDict()
+  config.distributed.coordinator_address = ""  # "host:port" of process 0
+  config.distributed.num_processes = 0  # 0 = from the environment
+  config.distributed.process_id = -1  # -1 = from the environment
   return config

@@ -17,6 +17,14 @@ the same workdir continues where it stopped. Layout of the workdir:
     predictions/<id>.png        label map (VOC palette, 0 = background)
     metrics.json, gallery.html, gallery/  the report
     timings.json                seconds per stage, summed over resumed runs
+
+Devices and hosts: the per-chunk passes run data-parallel over the process's
+local devices (jaxseg.parallel); a chunk is padded with invalid images to a
+multiple of the device count for the computation only, so the cache is the
+same for any number of devices. With several processes (experiments/distributed.py)
+the workdir must be shared: process p computes the chunks c with c % count == p,
+and process 0 fits the dataset-wide levels and classes and writes the report
+while the others wait at a barrier and then read them.
 """
 
 import dataclasses
@@ -35,16 +43,19 @@ from absl import logging
 
 import jaxseg.data
 from experiments import common
+from experiments import distributed
 from jaxseg import metrics
 from jaxseg import models
+from jaxseg import parallel
 from jaxseg import viz
 from jaxseg import framework
+from jaxseg.cluster.stream import ReservoirState
 from jaxseg.cluster.stream import reservoir_init
 from jaxseg.framework import MethodConfig
 from jaxseg.framework import PatchFeatures
 
 # Fields that do not change any result: a resumed run may differ in these.
-_PRESENTATION_FIELDS = ("gallery_size",)
+_PRESENTATION_FIELDS = ("gallery_size", "distributed")
 
 
 @dataclasses.dataclass
@@ -59,10 +70,17 @@ class Run:
   vit: models.ViTConfig
   key: jax.Array
   timings: dict
+  mesh: jax.sharding.Mesh  # this process's devices; per-chunk work runs data-parallel over them
+  process: tuple[int, int] = (0, 1)  # (index, count); process p owns the chunks c with c % count == p
 
   @property
   def num_chunks(self) -> int:
     return -(-len(self.indices) // self.config.batch_size)
+
+  @property
+  def is_main(self) -> bool:
+    """Process 0 fits the dataset-wide levels and classes and writes the report."""
+    return self.process[0] == 0
 
   def chunk(self, c: int) -> np.ndarray:
     b = self.config.batch_size
@@ -71,8 +89,17 @@ class Run:
   def path(self, folder: str, c: int) -> pathlib.Path:
     return self.workdir / folder / f"{c:06d}.npz"
 
+  def owned(self) -> list[int]:
+    """The chunks this process computes the per-chunk passes of."""
+    index, count = self.process
+    return list(range(index, self.num_chunks, count))
+
   def todo(self, folder: str) -> list[int]:
-    return [c for c in range(self.num_chunks) if not self.path(folder, c).exists()]
+    return [c for c in self.owned() if not self.path(folder, c).exists()]
+
+  def on_devices(self, batch):
+    """A host batch (pytree of [B, ...] arrays) padded to a multiple of the devices and sharded over them."""
+    return parallel.shard_batch(parallel.pad_batch(batch, self.mesh.size), self.mesh)
 
   def grid(self) -> tuple[int, int]:
     side = self.config.image_size // self.vit.patch_size
@@ -98,9 +125,10 @@ def _check_config(workdir: pathlib.Path, config: ml_collections.ConfigDict) -> N
 
 
 def _load_chunk(run: Run, c: int) -> tuple[PatchFeatures, dict]:
+  """(the chunk's features padded and sharded over run.mesh, its arrays as stored)."""
   arrays = common.load_npz(run.path("features", c))
-  features = PatchFeatures(patches=jnp.asarray(arrays["patches"], jnp.float32), cls=jnp.asarray(arrays["cls"]),
-                           attention=jnp.asarray(arrays["attention"]), valid=jnp.asarray(arrays["valid"]))
+  features = run.on_devices(PatchFeatures(patches=arrays["patches"].astype(np.float32), cls=arrays["cls"],
+                                          attention=arrays["attention"], valid=arrays["valid"]))
   return features, arrays
 
 
@@ -118,7 +146,8 @@ def _stage(run: Run, name: str):
 
     def __exit__(self, *exc):
       run.timings[name] = run.timings.get(name, 0.0) + time.perf_counter() - self.start
-      common.save_json(run.workdir / "timings.json", run.timings)
+      if run.is_main:
+        common.save_json(run.workdir / "timings.json", run.timings)
   return Timer()
 
 
@@ -141,17 +170,25 @@ def extract_features(run: Run) -> None:
   batches = jaxseg.data.batches(run.source, batch_size=run.config.batch_size, image_size=run.config.image_size,
                                 patch_size=run.vit.patch_size, indices=np.concatenate([run.chunk(c) for c in todo]))
   for c, batch in zip(todo, tqdm.tqdm(batches, total=len(todo), desc="features", unit="batch")):
-    features, tokens = _encode_batch(run.params, jnp.asarray(batch["image"]), jnp.asarray(batch["valid"]),
-                                     vit=run.vit, feature=run.method.feature, dtype=dtype, keep_tokens=keep_tokens)
-    arrays = dict(patches=np.asarray(features.patches, np.float16), cls=np.asarray(features.cls),
-                  attention=np.asarray(features.attention), valid=np.asarray(features.valid),
-                  index=batch["index"], size=batch["size"], id=np.asarray(batch["id"]))
+    images, valid = run.on_devices((batch["image"], batch["valid"]))
+    features, tokens = _encode_batch(run.params, images, valid, vit=run.vit, feature=run.method.feature,
+                                     dtype=dtype, keep_tokens=keep_tokens)
+    # Only the chunk's own rows are cached: the cache does not depend on the number of devices.
+    features, tokens = jax.tree.map(lambda a: a[:len(batch["valid"])], parallel.to_host((features, tokens)))
+    arrays = dict(patches=features.patches.astype(np.float16), cls=features.cls, attention=features.attention,
+                  valid=features.valid, index=batch["index"], size=batch["size"], id=np.asarray(batch["id"]))
     if keep_tokens:
-      arrays["tokens"] = np.asarray(tokens)
+      arrays["tokens"] = tokens
     common.save_npz(run.path("features", c), **arrays)
 
 
 # ---- stages 1 and 2: dataset and category levels ---------------------------------------------------
+
+def _sharded(run: Run, sample: ReservoirState) -> ReservoirState:
+  """The reservoir with its slots split over run.mesh, so that the k-means sums reduce across devices."""
+  points, priorities = run.on_devices((sample.points, sample.priorities))  # padding slots are empty
+  return sample._replace(points=points, priorities=priorities)
+
 
 def _dataset_level(run: Run) -> framework.DatasetLevel:
   path = run.workdir / "levels" / "dataset.npz"
@@ -162,7 +199,7 @@ def _dataset_level(run: Run) -> framework.DatasetLevel:
       if sample is None:
         sample = reservoir_init(run.method.sample_budget, features.patches.shape[-1])
       sample = framework.sample_patches(sample, features, key=jax.random.fold_in(sample_key, c))
-    centroids = framework.fit_dataset_centroids(sample, run.method, key=fit_key)
+    centroids = framework.fit_dataset_centroids(_sharded(run, sample), run.method, key=fit_key)
     stats = None
     for _, features, _ in _chunks(run, "dataset level: assign"):
       stats = framework.accumulate_stats(stats, framework.dataset_cluster_stats(features, centroids))
@@ -193,12 +230,13 @@ def _category_level(run: Run, dataset: framework.DatasetLevel) -> tuple[jax.Arra
 # ---- stages 3 and 4: image level, fusion -----------------------------------------------------------
 
 def image_level_and_fusion(run: Run, dataset, category_centroids, category_prototypes) -> None:
-  for c, features, _ in _chunks(run, "image level + fusion", run.todo("margins")):
+  for c, features, arrays in _chunks(run, "image level + fusion", run.todo("margins")):
     result = framework.level_margins(features, dataset, category_centroids, category_prototypes, run.method)
     scores, fg_prob = framework.scores_and_probability(result.margins, features.valid, run.method)
-    common.save_npz(run.path("margins", c), margins=np.asarray(result.margins, np.float16),
-                    scores=np.asarray(scores), fg_prob=np.asarray(fg_prob),
-                    categories=np.asarray(result.categories))
+    margins, scores, fg_prob, categories = parallel.to_host((result.margins, scores, fg_prob, result.categories))
+    b = len(arrays["valid"])  # the chunk's own images, without the padding for the devices
+    common.save_npz(run.path("margins", c), margins=margins[:, :b].astype(np.float16), scores=scores[:, :b],
+                    fg_prob=fg_prob[:b], categories=categories[:b])
 
 
 # ---- stage 5: refinement, and foreground IoU per level ---------------------------------------------
@@ -250,7 +288,7 @@ def _cls_tokens(params, images, patch_mask, *, vit, dtype):
 
 def _encode_cls(run: Run, images: np.ndarray, patch_masks: np.ndarray | None) -> np.ndarray:
   """[R, D] CLS tokens of R normalised images [R, S, S, 3], in fixed-size batches (one compilation)."""
-  b = run.config.batch_size
+  b = parallel.padded_size(run.config.batch_size, run.mesh.size)  # batches split evenly over the devices
   out = []
   for start in range(0, len(images), b):
     chunk = images[start:start + b]
@@ -260,9 +298,8 @@ def _encode_cls(run: Run, images: np.ndarray, patch_masks: np.ndarray | None) ->
     if patch_masks is not None:
       mask = patch_masks[start:start + b]
       mask = np.concatenate([mask, np.ones((pad, *mask.shape[1:]), bool)])
-    cls = _cls_tokens(run.params, jnp.asarray(chunk), None if mask is None else jnp.asarray(mask), vit=run.vit,
-                      dtype=jnp.dtype(run.config.model.dtype))
-    out.append(np.asarray(cls)[:b - pad])
+    cls = _cls_tokens(run.params, *run.on_devices((chunk, mask)), vit=run.vit, dtype=jnp.dtype(run.config.model.dtype))
+    out.append(parallel.to_host(cls)[:b - pad])
   return np.concatenate(out) if out else np.zeros((0, run.vit.dim), np.float32)
 
 
@@ -336,7 +373,8 @@ def classify_regions(run: Run) -> dict[int, np.ndarray]:
 def write_predictions(run: Run, classes: dict[int, np.ndarray]) -> None:
   palette = viz.voc_palette()
   ids = image_ids(run)
-  for index in tqdm.tqdm(run.indices, desc="predictions", unit="image"):
+  owned = np.concatenate([run.chunk(c) for c in run.owned()]) if run.owned() else np.zeros(0, np.int64)
+  for index in tqdm.tqdm(owned, desc="predictions", unit="image"):
     image_id = ids[int(index)]
     path = _mask_path(run, "predictions", image_id)
     if path.exists():
@@ -447,27 +485,50 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict:
   if config.image_size % vit.patch_size:
     raise ValueError(f"image_size={config.image_size} is not a multiple of {config.model.variant}'s patch size "
                      f"{vit.patch_size}")
+  process = distributed.process()
   workdir.mkdir(parents=True, exist_ok=True)
-  for stale in workdir.rglob(".*.tmp"):  # left by a killed run's atomic writes
-    stale.unlink()
+  if process[0] == 0:
+    for stale in workdir.rglob(".*.tmp"):  # left by a killed run's atomic writes
+      stale.unlink()
+  distributed.barrier("start")  # no process writes before the stale files are gone
   _check_config(workdir, config)
   timings_path = workdir / "timings.json"
   timings = json.loads(timings_path.read_text()) if timings_path.exists() else {}
-  r = Run(config=config, workdir=workdir, method=method, source=source, indices=np.arange(count), params=params,
-          vit=vit, key=jax.random.key(config.seed), timings=timings)
-  logging.info("%d images in %d chunks of %d; workdir %s", count, r.num_chunks, config.batch_size, workdir)
+  mesh = parallel.batch_mesh(jax.local_devices())
+  r = Run(config=config, workdir=workdir, method=method, source=source, indices=np.arange(count),
+          params=parallel.replicate(params, mesh), vit=vit, key=jax.random.key(config.seed), timings=timings,
+          mesh=mesh, process=process)
+  logging.info("%d images in %d chunks of %d; process %d of %d; %d devices; workdir %s", count, r.num_chunks,
+               config.batch_size, *process, mesh.size, workdir)
   with _stage(r, "features"):
     extract_features(r)
   with _stage(r, "dataset_level"):
-    dataset = _dataset_level(r)
+    dataset = _main_first(r, "dataset level", lambda: _dataset_level(r))
   with _stage(r, "category_level"):
-    category_centroids, category_prototypes = _category_level(r, dataset)
+    category_centroids, category_prototypes = _main_first(r, "category level", lambda: _category_level(r, dataset))
   with _stage(r, "image_level_fusion"):
     image_level_and_fusion(r, dataset, category_centroids, category_prototypes)
   with _stage(r, "refinement"):
     refine_masks(r)
   with _stage(r, "labeling"):
     describe_regions(r)
-    classes = classify_regions(r)
+    classes = _main_first(r, "classes", lambda: classify_regions(r))
     write_predictions(r, classes)
-  return evaluate(r)
+  result = _main_first(r, "report", lambda: evaluate(r) if r.is_main else json.loads(
+      (workdir / "metrics.json").read_text()))
+  distributed.barrier("done")  # no process exits (ending the distributed runtime) while others still work
+  return result
+
+
+def _main_first(run: Run, name: str, compute):
+  """compute() on process 0, which writes its result to the workdir, then on the others, which read it.
+
+  A barrier before compute() makes every process's chunks of the previous pass visible on the shared workdir.
+  """
+  distributed.barrier(f"before {name}")
+  if run.is_main:
+    result = compute()
+  distributed.barrier(f"after {name}")
+  if not run.is_main:
+    result = compute()
+  return result

@@ -1,6 +1,10 @@
-r"""Segment a dataset split with the multilevel clustering method.
+r"""Segment a dataset split with the multilevel clustering method, data-parallel over every local device.
 
   python -m experiments.segment --config=configs/demo.py --workdir=/tmp/jaxseg_demo
+
+Several hosts: start the same command on every host with a shared --workdir and
+--config.distributed.coordinator_address=HOST0:PORT --config.distributed.num_processes=N
+--config.distributed.process_id=I (or under Slurm / Open MPI, which JAX detects).
 """
 
 import pathlib
@@ -11,6 +15,7 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+from experiments import distributed
 from experiments import pipeline
 from experiments.common import config_fields
 from jaxseg import models
@@ -26,6 +31,7 @@ flags.mark_flags_as_required(["workdir"])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  distributed.initialize(_CONFIG.value.distributed)  # before any JAX computation
   logging.info("workdir: %s", _WORKDIR.value)
   logging.info("config:\n%s", _CONFIG.value)
   try:
