@@ -17,9 +17,9 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from jaxseg.cluster.kmeans import KMeansResult
-from jaxseg.cluster.kmeans import assign
-from jaxseg.cluster.kmeans import kmeans
+from jaxseg.cluster.lloyd import KMeansResult
+from jaxseg.cluster.lloyd import assign
+from jaxseg.cluster.lloyd import kmeans
 
 Chunk = jax.Array | tuple[jax.Array, jax.Array]
 
@@ -119,7 +119,8 @@ def reservoir_sample(chunks: Iterable[Chunk], budget: int, *, key: jax.Array,
   for i, (x, mask, _) in enumerate(_padded_chunks(chunks)):
     if state is None:
       state = reservoir_init(budget, x.shape[1])
-    state = reservoir_add(state, x, key=jax.random.fold_in(key, i), mask=mask)
+    # Waiting for the previous batch keeps at most two chunks alive, whatever the stream's length.
+    state = reservoir_add(jax.block_until_ready(state), x, key=jax.random.fold_in(key, i), mask=mask)
   if state is None:
     raise ValueError("reservoir_sample: the stream of chunks is empty.")
   return state
@@ -140,4 +141,5 @@ def assign_chunks(chunks: Iterable[Chunk], centroids: jax.Array,
                   metric: str = "euclidean") -> Iterator[jax.Array]:
   """Yields [B] int32 labels (nearest centroid, -1 where masked) for every chunk of a stream, in order."""
   for x, mask, n in _padded_chunks(chunks):
-    yield _assign(x, centroids, metric, mask=mask)[:n]
+    # Ready before the next chunk is read, so that chunks do not pile up behind async dispatch.
+    yield jax.block_until_ready(_assign(x, centroids, metric, mask=mask)[:n])

@@ -11,14 +11,16 @@ Conventions shared by every function here:
 Degenerate inputs give finite results:
   - fully masked input: labels all -1, inertia 0, centroids = init if given,
     else zeros.
-  - fewer distinct valid points than k (all-identical points, N < k): some
-    centroids coincide; a point is labelled with the lowest index among equally
-    near centroids, so the higher-indexed duplicates stay empty.
+  - fewer distinct valid points than k (all-identical points, N < k): every
+    distinct point is a centroid and some centroids coincide (up to float
+    rounding); a point takes one of its coinciding centroids (the lowest index
+    when they are bitwise equal) and the others stay empty. Inertia is 0.
   - a cluster that empties during Lloyd's iterations is re-seeded, as in
     scikit-learn, from the valid point farthest from its own centroid (the j-th
     empty cluster gets the j-th farthest point, which leaves its old cluster).
-    If there are fewer valid points than empty clusters, the rest keep their
-    previous centroid.
+    Empty clusters keep their previous centroid when there is no such point:
+    fewer valid points than empty clusters, or every point on its centroid
+    (within 1e-6 of the mean squared norm; scikit-learn would zero them).
 """
 
 import functools
@@ -33,6 +35,10 @@ METRICS = ("euclidean", "cosine")
 # Full float32 matmuls: accelerators would otherwise round distances to bf16/tf32.
 _PRECISION = jax.lax.Precision.HIGHEST
 _EPS = 1e-12
+# Points nearer their centroid than this fraction of the mean squared norm count as on it.
+_ON_CENTROID = 1e-6
+# Batched restarts hold [n_init, N, k] float32 scores; beyond this many, restarts run one by one.
+_MAX_BATCHED_SCORES = 1 << 26
 
 
 class KMeansResult(NamedTuple):
@@ -190,17 +196,20 @@ def _update_centroids(x: jax.Array, x_sq: jax.Array, weights: jax.Array, labels:
   k = centroids.shape[0]
   onehot = (labels[:, None] == jnp.arange(k)).astype(x.dtype) * weights[:, None]
   counts = jnp.sum(onehot, axis=0)
+  # A one-hot matmul rather than segment_sum: scatters are slow batched (vmap) and on accelerators.
   sums = jnp.matmul(onehot.T, x, precision=_PRECISION)
+
+  # Distance of each valid point to its own centroid; -1 marks padding.
+  distance = jnp.where(weights > 0, _scores_to_distance(nearest[:, None], x_sq, metric)[:, 0], -1.0)
 
   def relocate(sums_counts):
     sums, counts = sums_counts
     empty = counts == 0
-    distance = _scores_to_distance(nearest[:, None], x_sq, metric)[:, 0]
     n_far = min(k, x.shape[0])
-    far_distance, far = jax.lax.top_k(jnp.where(weights > 0, distance, -1.0), n_far)
-    rank = jnp.cumsum(empty) - 1
-    source = far[jnp.clip(rank, 0, n_far - 1)]  # [k] the point each empty cluster takes
-    moved = empty & (rank < n_far) & (far_distance[jnp.clip(rank, 0, n_far - 1)] >= 0)
+    far_distance, far = jax.lax.top_k(distance, n_far)
+    rank = jnp.clip(jnp.cumsum(empty) - 1, 0, n_far - 1)
+    source = far[rank]  # [k] the point each empty cluster takes
+    moved = empty & (jnp.cumsum(empty) <= n_far) & (far_distance[rank] >= 0)
     moved_x = jnp.where(moved[:, None], x[source], 0.0)
     moved_w = moved.astype(x.dtype)
     # The point leaves its old cluster and becomes the sole member of the empty one.
@@ -208,8 +217,10 @@ def _update_centroids(x: jax.Array, x_sq: jax.Array, weights: jax.Array, labels:
     counts = counts.at[labels[source]].add(-moved_w) + moved_w
     return sums, counts
 
-  sums, counts = jax.lax.cond(jnp.any(counts == 0) & jnp.any(weights > 0), relocate,
-                              lambda sc: sc, (sums, counts))
+  # As scikit-learn: nothing to gain when every point sits on its centroid (duplicates), up to rounding.
+  on_centroid = _ON_CENTROID * jnp.sum(weights * x_sq) / jnp.maximum(jnp.sum(weights), 1.0)
+  needs_relocation = jnp.any(counts == 0) & (jnp.max(distance) > on_centroid)
+  sums, counts = jax.lax.cond(needs_relocation, relocate, lambda sc: sc, (sums, counts))
   means = sums / jnp.maximum(counts, 1.0)[:, None]
   if metric == "cosine":
     means = _unit_rows(means)
@@ -302,10 +313,12 @@ def kmeans(x: jax.Array, k: int, *, key: jax.Array, mask: jax.Array | None = Non
   if init is not None:
     result = _lloyd(x, x_sq, weights, _prepare(init, metric) - shift, tol_abs, max_iter, metric)
   else:
-    def run(run_key):
-      centroids = _kmeans_plusplus(x, x_sq, weights, k, run_key)
-      return _lloyd(x, x_sq, weights, centroids, tol_abs, max_iter, metric)
-    runs = jax.lax.map(run, jax.random.split(key, n_init))
+    # Restarts run batched, so that each pass over x serves all of them, unless their scores get too big.
+    inits = jax.vmap(lambda run_key: _kmeans_plusplus(x, x_sq, weights, k, run_key))(
+        jax.random.split(key, n_init))
+    lloyd = lambda centroids: _lloyd(x, x_sq, weights, centroids, tol_abs, max_iter, metric)
+    batched = n_init * x.shape[0] * k <= _MAX_BATCHED_SCORES
+    runs = jax.vmap(lloyd)(inits) if batched else jax.lax.map(lloyd, inits)
     best = jnp.argmin(runs.inertia)
     result = jax.tree.map(lambda r: r[best], runs)
 
