@@ -1,11 +1,11 @@
 """k-means: batched, vmappable, masked, and streamed at dataset scale."""
 
-from jaxseg.cluster.kmeans import METRICS
-from jaxseg.cluster.kmeans import KMeansResult
-from jaxseg.cluster.kmeans import assign
-from jaxseg.cluster.kmeans import assign_with_distance
-from jaxseg.cluster.kmeans import distances
-from jaxseg.cluster.kmeans import kmeans
+from jaxseg.cluster.lloyd import METRICS
+from jaxseg.cluster.lloyd import KMeansResult
+from jaxseg.cluster.lloyd import assign
+from jaxseg.cluster.lloyd import assign_with_distance
+from jaxseg.cluster.lloyd import distances
+from jaxseg.cluster.lloyd import kmeans
 from jaxseg.cluster.stream import ReservoirState
 from jaxseg.cluster.stream import assign_chunks
 from jaxseg.cluster.stream import reservoir_add
