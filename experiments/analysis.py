@@ -21,6 +21,8 @@ a Euclidean 2-means of the scalar (a threshold), its probe a 1-D logistic
 regression; the ViT exposes it for the last block only, so it has one row.
 Memory: at most batch_size images' block outputs, plus probe.samples x
 (D + 1) float32 per cell (ViT-B, 12 blocks x 4 features, 10k samples: 1.5 GB).
+Disk, while a backbone runs: N x h x w x D float16 (VOC val, ViT-B/14 at 448:
+2.3 GB; ViT-B/8: 7 GB).
 
 Workdir layout (a restart skips finished backbones):
 
@@ -39,6 +41,7 @@ import io
 import json
 import math
 import pathlib
+import zlib
 
 import jax
 import jax.numpy as jnp
@@ -75,11 +78,13 @@ _PRESENTATION_FIELDS = ("backbones", "figure_images", "model.cache_dir", "data.d
 
 @dataclasses.dataclass(frozen=True)
 class Cell:
+  """One (block, feature) of a backbone, a row of analysis.csv; block is 0-based."""
   block: int
   feature: str
 
   @property
   def metric(self) -> str:
+    """k-means metric of its 2-means: spherical as the method for vectors, Euclidean for the scalar attention."""
     return "euclidean" if self.feature == "cls-attention" else "cosine"
 
 
@@ -256,12 +261,27 @@ def score_split(config, backbone: Backbone, method: MethodConfig, probes: dict, 
   split_features = PatchFeatures(patches=cache, cls=jnp.asarray(np.concatenate(cls)),
                                  attention=jnp.asarray(np.concatenate(attention)),
                                  valid=jnp.asarray(np.concatenate(valid)))
-  result = segment_features(split_features, method, key=framework_key, batch_size=config.batch_size)
-  level_masks = np.concatenate([np.asarray(result.level_masks), np.asarray(result.fg_mask)[None]])
-  framework = {level: probe.count_scores(np.asarray(probe.binary_counts(
-      jnp.asarray(mask), jnp.asarray(target), jnp.asarray(counted)), np.int64).sum(0))["iou"]
-               for level, mask in zip(LEVELS, level_masks)}
+  framework = framework_scores(split_features, target, counted, method, key=framework_key,
+                               batch_size=config.batch_size)
   return dict(counts=totals, framework=framework, examples=examples)
+
+
+def framework_scores(features: PatchFeatures, target: np.ndarray, counted: np.ndarray, method: MethodConfig, *,
+                     key: jax.Array, batch_size: int) -> dict[str, float]:
+  """{level: patch-level fg IoU over the split} of the method's dataset, category, image levels and fusion.
+
+  Args:
+    features: [N, ...] the split's PatchFeatures (patches may be a `_FeatureCache`).
+    target, counted: [N, h, w] bool patch labels.
+    method: the method's config.
+    key: PRNG key.
+    batch_size: images per streamed batch.
+  """
+  result = segment_features(features, method, key=key, batch_size=batch_size)
+  level_masks = np.concatenate([np.asarray(result.level_masks), np.asarray(result.fg_mask)[None]])
+  counts = [np.asarray(probe.binary_counts(jnp.asarray(mask), jnp.asarray(target), jnp.asarray(counted)), np.int64)
+            for mask in level_masks]
+  return {level: probe.count_scores(c.sum(0))["iou"] for level, c in zip(LEVELS, counts)}
 
 
 def backbone_rows(name: str, backbone: Backbone, method: MethodConfig, scored: dict) -> list[dict]:
@@ -336,7 +356,7 @@ def analyze_backbone(config, name: str, workdir: pathlib.Path, method: MethodCon
 
 
 def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> list[dict]:
-  """Runs (or resumes) the analysis of every config.backbones; writes the CSV, markdown and figures; returns the rows."""
+  """Runs (or resumes) the analysis of config.backbones; writes the CSV, markdown and figures; returns the rows."""
   workdir = pathlib.Path(workdir).expanduser()
   method = MethodConfig.from_mappings(config.method.to_dict())
   for name in config.backbones:
@@ -359,8 +379,10 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> list[
   common.save_json(workdir / "config.json", json.loads(config.to_json()))
   key = jax.random.key(config.seed)
   rows = []
-  for number, name in enumerate(config.backbones):
-    rows += analyze_backbone(config, name, workdir, method, sources, counts, jax.random.fold_in(key, number))
+  for name in config.backbones:
+    # Keyed by name, not position: a backbone's scores do not depend on the rest of the list.
+    backbone_key = jax.random.fold_in(key, zlib.crc32(name.encode()) & 0x7FFFFFFF)
+    rows += analyze_backbone(config, name, workdir, method, sources, counts, backbone_key)
   write_csv(workdir / "analysis.csv", rows)
   common.atomic_write_bytes(workdir / "analysis.md", markdown(rows, config, counts).encode())
   for name in config.backbones:

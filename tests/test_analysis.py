@@ -151,6 +151,25 @@ def test_patch_labels_majority_and_void():
   np.testing.assert_array_equal(labels, np.where(void > 18, -1, (fg > bg).astype(int)))
 
 
+def test_framework_scores_from_a_float16_cache_find_planted_foreground(tmp_path):
+  rng = np.random.default_rng(6)
+  count, side, dim = 6, 8, 16
+  _, fg, attention = _planted_images(rng, count, side, dim)
+  centres = rng.normal(size=(2, dim))  # one fg and one bg direction for the whole split
+  x = centres[fg.astype(int)] + 0.3 * rng.normal(size=(count, side, side, dim))
+  x /= np.linalg.norm(x, axis=-1, keepdims=True)
+  cache = analysis._FeatureCache(tmp_path / "features.npy", x.shape)
+  cache.array[:] = x
+  cls = rng.normal(size=(count, dim)).astype(np.float32)
+  features = analysis.PatchFeatures(patches=cache, cls=jnp.asarray(cls / np.linalg.norm(cls, axis=-1, keepdims=True)),
+                                    attention=jnp.asarray(attention), valid=jnp.ones(fg.shape, bool))
+  method = analysis.MethodConfig(num_categories=2, sample_budget=500, kmeans_n_init=2)
+  counted = np.ones(fg.shape, bool)
+  scores = analysis.framework_scores(features, fg, counted, method, key=jax.random.key(0), batch_size=4)
+  assert set(scores) == {"dataset", "category", "image", "fused"}
+  assert min(scores.values()) >= 0.9, scores
+
+
 def _config(**changes):
   config = analyze_voc.get_config()
   for name, value in changes.items():
@@ -190,8 +209,8 @@ def _run(workdir, flags, check=True):
 def analysed(tmp_path_factory):
   root = tmp_path_factory.mktemp("voc")
   fixtures.make_voc_devkit(root / "manual", n_train=2, n_val=3)
-  flags = ["--config=configs/analyze_voc.py", "--config.model.weights=random", f"--config.data.data_dir={root / 'tfds'}",
-           f"--config.data.manual_dir={root / 'manual'}", "--config.image_size=112", "--config.batch_size=2",
+  flags = ["--config=configs/analyze_voc.py", "--config.model.weights=random",
+           f"--config.data.data_dir={root / 'tfds'}", f"--config.data.manual_dir={root / 'manual'}", "--config.image_size=112", "--config.batch_size=2",
            f"--config.blocks={BLOCKS}", f"--config.features={FEATURES}",
            "--config.method.num_categories=2", "--config.method.sample_budget=1000", "--config.two_means.n_init=1",
            "--config.probe.steps=50", "--config.figure_images=2"]
