@@ -17,7 +17,9 @@ Degenerate inputs give finite results:
     when they are bitwise equal) and the others stay empty. Inertia is 0.
   - a cluster that empties during Lloyd's iterations is re-seeded, as in
     scikit-learn, from the valid point farthest from its own centroid (the j-th
-    empty cluster gets the j-th farthest point, which leaves its old cluster).
+    empty cluster gets the j-th farthest point, which leaves its old cluster;
+    scikit-learn takes the same points, with several empty clusters maybe in
+    another order).
     Empty clusters keep their previous centroid when there is no such point:
     fewer valid points than empty clusters, or every point on its centroid
     (within 1e-6 of the mean squared norm; scikit-learn would zero them).
@@ -164,7 +166,7 @@ def _kmeans_plusplus(x: jax.Array, x_sq: jax.Array, weights: jax.Array, k: int,
   first = _sample_index(first_key, weights, ())
   centroids = jnp.zeros((k, x.shape[1]), x.dtype).at[0].set(x[first])
   closest = squared_distances(x[first][None])[0]
-  potential = closest @ weights
+  potential = jnp.dot(closest, weights, precision=_PRECISION)
 
   def add_centroid(c, carry):
     centroids, closest, potential = carry
@@ -172,7 +174,7 @@ def _kmeans_plusplus(x: jax.Array, x_sq: jax.Array, weights: jax.Array, k: int,
     trial_weights = jnp.where(potential > 0, weights * closest, weights)
     candidates = _sample_index(jax.random.fold_in(trials_key, c), trial_weights, (n_trials,))
     closest_if = jnp.minimum(closest, squared_distances(x[candidates]))  # [T, N]
-    potentials = closest_if @ weights
+    potentials = jnp.dot(closest_if, weights, precision=_PRECISION)
     best = jnp.argmin(potentials)
     return centroids.at[c].set(x[candidates[best]]), closest_if[best], potentials[best]
 
@@ -272,6 +274,8 @@ def kmeans(x: jax.Array, k: int, *, key: jax.Array, mask: jax.Array | None = Non
   points, as scikit-learn does, for float32 accuracy. Jitted; k, n_init,
   max_iter and metric are static. Per-image clustering is
   `jax.vmap(functools.partial(kmeans, k=2))(x, key=keys, mask=masks)`.
+  Restarts run batched (one pass over x serves all of them) while their
+  [n_init, N, k] float32 scores stay under 256 MB, else one after another.
   See the module docstring for degenerate inputs.
 
   Args:
@@ -302,8 +306,8 @@ def kmeans(x: jax.Array, k: int, *, key: jax.Array, mask: jax.Array | None = Non
   weights = valid.astype(jnp.float32)
   n_valid = jnp.sum(weights)
   x = jnp.where(valid[:, None], _prepare(x, metric), 0.0)
-  mean = (weights @ x) / jnp.maximum(n_valid, 1.0)
-  variance = jnp.mean(weights @ (x - mean) ** 2) / jnp.maximum(n_valid, 1.0)
+  mean = jnp.dot(weights, x, precision=_PRECISION) / jnp.maximum(n_valid, 1.0)
+  variance = jnp.mean(jnp.dot(weights, (x - mean) ** 2, precision=_PRECISION)) / jnp.maximum(n_valid, 1.0)
   tol_abs = tol * variance
   # Centring changes no distance, only float32 cancellation; spherical k-means needs the origin.
   shift = mean if metric == "euclidean" else jnp.zeros_like(mean)
