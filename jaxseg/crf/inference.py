@@ -61,26 +61,79 @@ def mean_field(unary: jnp.ndarray, lattices, norms, weights, iterations: int) ->
   return jax.lax.fori_loop(0, iterations, step, jax.nn.softmax(-unary, axis=-1))
 
 
+# Stand-in for infinite energies, so that no softmax sees inf - inf.
+_HUGE_ENERGY = np.float32(1e30)
+
+
+def _check_inputs(image, unary, iterations: int, sigmas) -> None:
+  """Raises ValueError for inputs dense_crf cannot take; checks values only when they are concrete."""
+  if unary.ndim != 3 or unary.shape[0] < 1 or unary.shape[1] < 1 or unary.shape[2] < 1:
+    raise ValueError(f"dense_crf: unary must be [H, W, L] with H, W, L >= 1, got shape {unary.shape}.")
+  if image.shape != unary.shape[:2] + (3,):
+    raise ValueError(f"dense_crf: image must be [H, W, 3] = {unary.shape[:2] + (3,)} to match unary "
+                     f"{unary.shape}, got image shape {image.shape}.")
+  if image.dtype != jnp.uint8:
+    raise ValueError(f"dense_crf: image must be uint8 (as pydensecrf's rgbim), got {image.dtype}.")
+  if iterations < 0:
+    raise ValueError(f"dense_crf: iterations must be >= 0, got {iterations}.")
+  for name, sigma in sigmas.items():
+    if not sigma > 0:
+      raise ValueError(f"dense_crf: {name} must be > 0, got {sigma}.")
+  if not isinstance(unary, jax.core.Tracer):
+    values = np.asarray(unary)
+    bad = np.isnan(values) | np.isneginf(values)
+    if bad.any():
+      raise ValueError(f"dense_crf: unary has {int(bad.sum())} NaN or -inf values (first at [H, W, L] index "
+                       f"{tuple(int(i) for i in np.argwhere(bad)[0])}); energies must be finite or +inf.")
+
+
 def dense_crf(image: jnp.ndarray, unary: jnp.ndarray, *, iterations: int = 10,
               gaussian_sxy: float = 3.0, gaussian_weight: float = 3.0,
               bilateral_sxy: float = 80.0, bilateral_srgb: float = 13.0,
               bilateral_weight: float = 10.0) -> jnp.ndarray:
-  """Marginals of a dense CRF with a Gaussian and a bilateral Potts kernel.
+  """Marginals of a dense CRF with a Gaussian and a bilateral Potts kernel, as pydensecrf computes them.
+
+  Equivalent to pydensecrf's DenseCRF2D(W, H, L) with setUnaryEnergy(U),
+  addPairwiseGaussian(sxy=gaussian_sxy, compat=gaussian_weight),
+  addPairwiseBilateral(sxy=bilateral_sxy, srgb=bilateral_srgb, rgbim=image,
+  compat=bilateral_weight) and inference(iterations): Q = softmax(-U), then
+  each iteration Q = softmax(-U + sum_k w_k n_k K_k(n_k Q)), K_k permutohedral
+  Gaussian filters, n_k = 1 / sqrt(K_k 1) (symmetric normalisation).
+
+  Jit it with the keyword arguments static (they are Python numbers, e.g.
+  jax.jit(functools.partial(dense_crf, iterations=5))); image and unary are
+  the traced arguments, and each (H, W, L) compiles once. It is vmappable
+  over equal-sized images (one lattice capacity serves the whole batch) and
+  differentiable with respect to unary.
 
   Args:
     image: [H, W, 3] uint8.
-    unary: [H, W, L] float32, negative log-probabilities.
-    iterations, gaussian_*, bilateral_*: as pydensecrf's inference(n),
-      addPairwiseGaussian(sxy, compat) and addPairwiseBilateral(sxy, srgb, compat).
+    unary: [H, W, L] float32 energies (negative log-probabilities). +inf
+      (zero probability) is allowed. NaN or -inf raise ValueError when unary
+      is concrete; under jit they cannot be checked, and count as +inf and
+      -1e30 respectively, so the result stays finite.
+    iterations: number of mean-field steps (0 gives softmax(-unary)).
+    gaussian_sxy, gaussian_weight: position kernel's standard deviation in
+      pixels and Potts weight.
+    bilateral_sxy, bilateral_srgb, bilateral_weight: appearance kernel's
+      standard deviations in pixels and in colour levels, and Potts weight.
 
   Returns:
-    Q: [H, W, L] float32.
+    Q: [H, W, L] float32 marginals. With L = 1, Q is all ones.
+
+  Raises:
+    ValueError: on mismatched shapes, a non-uint8 image, non-positive
+      standard deviations, negative iterations or (concrete) NaN/-inf energies.
   """
+  _check_inputs(image, unary, iterations, {"gaussian_sxy": gaussian_sxy, "bilateral_sxy": bilateral_sxy,
+                                           "bilateral_srgb": bilateral_srgb})
   height, width, num_labels = unary.shape
+  energies = jnp.nan_to_num(unary.astype(jnp.float32), nan=_HUGE_ENERGY, posinf=_HUGE_ENERGY,
+                            neginf=-_HUGE_ENERGY)
   gaussian, gaussian_norm = gaussian_kernel(height, width, float(gaussian_sxy))
   bilateral = build_lattice(bilateral_features(image, bilateral_sxy, bilateral_srgb))
   lattices = (gaussian, bilateral)
   norms = (jnp.asarray(gaussian_norm), symmetric_norm(bilateral))
-  q = mean_field(unary.reshape(-1, num_labels).astype(jnp.float32), lattices, norms,
-                 (gaussian_weight, bilateral_weight), iterations)
+  q = mean_field(energies.reshape(-1, num_labels), lattices, norms, (gaussian_weight, bilateral_weight),
+                 iterations)
   return q.reshape(height, width, num_labels)

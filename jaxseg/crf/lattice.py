@@ -26,6 +26,7 @@ from jaxseg.crf.simplex import enclosing_simplices
 
 _LADDER_FACTOR = 4
 _LADDER_MIN = 2048
+_SEARCH_CHUNK = 8192
 
 
 @flax.struct.dataclass
@@ -56,11 +57,11 @@ def max_points(num_inputs: int, dim: int) -> int:
   return num_inputs * (dim + 1)
 
 
-def capacity_ladder(capacity: int) -> Tuple[int, ...]:
-  """C, C/4, C/16, ... down to about 2048 (descending, static)."""
+def capacity_ladder(capacity: int, factor: int = _LADDER_FACTOR) -> Tuple[int, ...]:
+  """C, C/factor, C/factor^2, ... down to about 2048 (descending, static)."""
   rungs = [capacity]
-  while rungs[-1] // _LADDER_FACTOR >= _LADDER_MIN:
-    rungs.append(-(-rungs[-1] // _LADDER_FACTOR))
+  while rungs[-1] // factor >= _LADDER_MIN:
+    rungs.append(-(-rungs[-1] // factor))
   return tuple(rungs)
 
 
@@ -70,28 +71,49 @@ def _rung(num_points: jnp.ndarray, capacities: Tuple[int, ...]) -> jnp.ndarray:
   return jnp.maximum(jnp.sum(fits, dtype=jnp.int32) - 1, 0)
 
 
-def _neighbor_steps(dim: int) -> np.ndarray:
-  """[d+1, 2, d] int32: key offsets of the -1 and +1 blur neighbours along each direction."""
-  steps = np.empty((dim + 1, 2, dim), np.int32)
-  steps[:, 0, :] = -1
-  steps[:, 1, :] = 1
-  for j in range(dim):
-    steps[j, 0, j] = dim
-    steps[j, 1, j] = -dim
+def _plus_steps(dim: int) -> np.ndarray:
+  """[d+1, d] int32: key offset of the +1 blur neighbour along each direction (the -1 one is its negation)."""
+  steps = np.ones((dim + 1, dim), np.int32)
+  steps[np.arange(dim), np.arange(dim)] = -dim
   return steps
 
 
-def _neighbors_at(keys: jnp.ndarray, table: hash_table.HashTable, rung: int,
-                  capacity: int) -> jnp.ndarray:
-  """Blur neighbours of lattice points 0..rung-1, as [d+1, 2, capacity+1] int32 (capacity where absent)."""
-  dim = keys.shape[-1]
-  queries = keys[table.first_entry[:rung]][:, None, None, :] + jnp.asarray(_neighbor_steps(dim))  # [R, d+1, 2, d]
-  in_use = jnp.arange(rung) < table.num_unique
-  valid = jnp.broadcast_to(in_use[:, None, None], queries.shape[:-1])
-  found = hash_table.lookup(table, keys, queries.reshape(-1, dim), valid.reshape(-1))
-  found = jnp.where(found < 0, capacity, found)
-  neighbors = jnp.transpose(found.reshape(rung, dim + 1, 2), (1, 2, 0))
-  return jnp.pad(neighbors, ((0, 0), (0, 0), (0, capacity + 1 - rung)), constant_values=capacity)
+def _find_neighbors(keys: jnp.ndarray, table: hash_table.HashTable, capacity: int) -> jnp.ndarray:
+  """Blur neighbours of every lattice point, searched chunk by chunk so the work follows M.
+
+  Args:
+    keys: [E, d] int32, the keys the table was built from.
+    table: their hash table.
+    capacity: static C.
+
+  Returns:
+    [d+1, 2, C+1] int32: -1 and +1 neighbours along each direction, C where absent.
+  """
+  num_entries, dim = keys.shape
+  chunk = min(_SEARCH_CHUNK, capacity)
+  width = -(-capacity // chunk) * chunk
+  first_entry = jnp.pad(table.first_entry, (0, max(0, width - num_entries)))
+  steps = jnp.asarray(_plus_steps(dim))
+  num_points = jnp.minimum(table.num_unique, capacity)
+
+  def search(i, found):
+    plus, minus = found
+    start = i * chunk
+    point = start + jnp.arange(chunk, dtype=jnp.int32)
+    queries = keys[jax.lax.dynamic_slice(first_entry, (start,), (chunk,))][:, None, :] + steps  # [chunk, d+1, d]
+    in_use = jnp.broadcast_to((point < num_points)[:, None], queries.shape[:-1])
+    hit = hash_table.lookup(table, keys, queries.reshape(-1, dim), in_use.reshape(-1)).reshape(chunk, dim + 1).T
+    hit = jnp.where((hit < 0) | (hit >= capacity), capacity, hit)  # [d+1, chunk]
+    plus = jax.lax.dynamic_update_slice(plus, hit, (0, start))
+    # b is a's +1 neighbour exactly when a is b's -1 neighbour.
+    minus = jax.vmap(lambda row, h: row.at[h].set(point, mode="drop"))(minus, jnp.where(hit < capacity, hit, width + 1))
+    return plus, minus
+
+  absent = jnp.full((dim + 1, width + 1), capacity, jnp.int32)
+  num_chunks = (num_points + chunk - 1) // chunk
+  plus, minus = jax.lax.fori_loop(0, num_chunks, search, (absent, absent))
+  neighbors = jnp.stack([minus, plus], axis=1)[:, :, :capacity + 1]
+  return neighbors.at[:, :, capacity].set(capacity)
 
 
 def build_lattice(features: jnp.ndarray, capacity: Optional[int] = None) -> Lattice:
@@ -101,9 +123,9 @@ def build_lattice(features: jnp.ndarray, capacity: Optional[int] = None) -> Latt
     features: [N, d] float32, positions already divided by the Gaussian's
       standard deviation along each axis (pydensecrf's convention).
     capacity: static number of lattice points to make room for; defaults to
-      N*(d+1), which can never overflow. With a smaller capacity, a lattice
-      whose num_points exceeds it is invalid and lattice_filter returns NaN
-      for it.
+      N*(d+1), which can never overflow. With a smaller capacity, overflow
+      raises ValueError when features are concrete; under jit it cannot, and
+      lattice_filter returns NaN for the overflowing lattice.
 
   Returns:
     Lattice.
@@ -114,11 +136,12 @@ def build_lattice(features: jnp.ndarray, capacity: Optional[int] = None) -> Latt
   simplices = enclosing_simplices(features)
   keys = simplices.keys.reshape(-1, dim)
   table = hash_table.insert(keys)
-  capacities = capacity_ladder(capacity)
-  branches = [functools.partial(_neighbors_at, rung=rung, capacity=capacity) for rung in capacities]
-  neighbors = jax.lax.switch(_rung(table.num_unique, capacities), branches, keys, table)
+  if not isinstance(table.num_unique, jax.core.Tracer) and int(table.num_unique) > capacity:
+    raise ValueError(f"build_lattice: {int(table.num_unique)} lattice points exceed capacity {capacity}; "
+                     f"pass a larger capacity (N*(d+1) = {max_points(num_inputs, dim)} always suffices).")
+  neighbors = _find_neighbors(keys, table, capacity)
   return Lattice(offsets=table.entry_id.reshape(num_inputs, dim + 1), weights=simplices.weights,
-                 neighbors=neighbors, num_points=table.num_unique, capacities=capacities)
+                 neighbors=neighbors, num_points=table.num_unique, capacities=capacity_ladder(capacity))
 
 
 def compact(lattice: Lattice) -> Lattice:
