@@ -212,8 +212,9 @@ def test_assign_and_distances_match_brute_force():
   np.testing.assert_array_equal(np.asarray(cluster.assign(x, centroids, "cosine")), cos.argmax(1))
 
 
-def test_reservoir_sample_is_uniform_and_skips_padding():
-  n_points, budget, batch, n_keys = 23, 6, 7, 4000
+@pytest.mark.parametrize("budget,batch", [(6, 7), (10, 4)])
+def test_reservoir_sample_is_uniform_and_skips_padding(budget, batch):
+  n_points, n_keys = 23, 4000
   padding = jnp.array([4, 11, 17])  # masked points, never sampled or counted
 
   def sample(key):
@@ -235,6 +236,15 @@ def test_reservoir_sample_is_uniform_and_skips_padding():
   std = np.sqrt(expected * (1 - expected) / n_keys)
   kept = np.setdiff1d(np.arange(n_points), padding)
   assert np.all(np.abs(frequency[kept] - expected) < 5 * std), frequency
+
+
+def test_donated_add_equals_plain_add():
+  x = np.random.default_rng(5).normal(size=(40, 3)).astype(np.float32)
+  state = cluster.reservoir_add(cluster.reservoir_init(16, 3), x[:20], key=KEY)
+  plain = cluster.reservoir_add(state, x[20:], key=jax.random.key(1))
+  donated = cluster.reservoir_add_donated(jax.tree.map(jnp.copy, state), x[20:], key=jax.random.key(1))
+  for a, b in zip(plain, donated):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
 def test_stream_helpers_match_direct_calls():

@@ -9,6 +9,7 @@ from jaxseg.cluster.lloyd import kmeans
 from jaxseg.cluster.stream import ReservoirState
 from jaxseg.cluster.stream import assign_chunks
 from jaxseg.cluster.stream import reservoir_add
+from jaxseg.cluster.stream import reservoir_add_donated
 from jaxseg.cluster.stream import reservoir_init
 from jaxseg.cluster.stream import reservoir_kmeans
 from jaxseg.cluster.stream import reservoir_sample
