@@ -10,6 +10,7 @@ import skimage.data
 import skimage.transform
 
 from jaxseg.crf import build_lattice, dense_crf, lattice_filter
+from jaxseg.crf import hash_table
 from jaxseg.crf import lattice as lattice_lib
 
 dcrf = pytest.importorskip("pydensecrf.densecrf")
@@ -20,6 +21,8 @@ VOC = dict(gaussian_sxy=1.0, gaussian_weight=3.0, bilateral_sxy=67.0, bilateral_
 PARAMS = {"default": DEFAULT, "voc": VOC}
 # One jitted function per parameter set: each (H, W, L) compiles once for the whole file.
 CRFS = {name: jax.jit(functools.partial(dense_crf, iterations=10, **params)) for name, params in PARAMS.items()}
+build = jax.jit(build_lattice)
+apply_filter = jax.jit(lattice_filter)
 
 
 def reference_crf(image, unary, iterations=10, *, gaussian_sxy, gaussian_weight, bilateral_sxy,
@@ -186,12 +189,18 @@ def test_gradient_matches_finite_differences():
 def test_filter_vjp_is_the_transpose_of_the_filter():
   rng = np.random.default_rng(0)
   features = jnp.asarray(rng.random((200, 5)) * 4, jnp.float32)
-  lattice = build_lattice(features)
+  lattice = build(features)
   values, cotangent = (jnp.asarray(rng.random((200, 3)), jnp.float32) for _ in range(2))
-  # Reference transpose: plain autodiff through the gathers and scatters of one branch.
-  _, plain_vjp = jax.vjp(lambda v: lattice_lib._filter(lattice, v, reverse=False), values)
-  _, custom_vjp = jax.vjp(lambda v: lattice_filter(lattice, v), values)
-  np.testing.assert_allclose(custom_vjp(cotangent)[0], plain_vjp(cotangent)[0], rtol=1e-5, atol=1e-5)
+
+  @jax.jit
+  def both_vjps(lattice, values, cotangent):
+    # Reference transpose: plain autodiff through the gathers and scatters of the filter.
+    _, plain_vjp = jax.vjp(lambda v: lattice_lib._filter(lattice, v, reverse=False), values)
+    _, custom_vjp = jax.vjp(lambda v: lattice_filter(lattice, v), values)
+    return custom_vjp(cotangent)[0], plain_vjp(cotangent)[0]
+
+  custom, plain = both_vjps(lattice, values, cotangent)
+  np.testing.assert_allclose(custom, plain, rtol=1e-5, atol=1e-5)
 
 
 # Permutohedral approximation of sum_j exp(-|f_i - f_j|^2 / 2) v_j on 300 points spread over 3 sigma
@@ -206,9 +215,9 @@ def test_lattice_filter_approximates_brute_force_gaussian(dim, scale_range, norm
   rng = np.random.default_rng(dim)
   features = (rng.random((300, dim)) * 3).astype(np.float32)
   values = (rng.random((300, 2)) + 0.1).astype(np.float32)
-  lattice = build_lattice(jnp.asarray(features))
-  filtered = np.asarray(lattice_filter(lattice, jnp.asarray(values)))
-  filtered_ones = np.asarray(lattice_filter(lattice, jnp.ones((300, 1), jnp.float32)))
+  lattice = build(jnp.asarray(features))
+  filtered = np.asarray(apply_filter(lattice, jnp.asarray(values)))
+  filtered_ones = np.asarray(apply_filter(lattice, jnp.ones((300, 1), jnp.float32)))
   kernel = np.exp(-0.5 * ((features[:, None] - features[None]) ** 2).sum(-1))
   exact, exact_ones = kernel @ values, kernel.sum(1, keepdims=True)
   scale = filtered / exact
@@ -221,11 +230,11 @@ def test_lattice_filter_approximates_brute_force_gaussian(dim, scale_range, norm
 def test_lattice_capacity_overflow_is_nan_not_silent():
   rng = np.random.default_rng(0)
   features = jnp.asarray(rng.random((100, 3)) * 20, jnp.float32)
-  full = build_lattice(features)
+  full = build(features)
   assert int(full.num_points) > 10
   small = jax.jit(functools.partial(build_lattice, capacity=10))(features)
   assert int(small.num_points) == int(full.num_points)
-  assert np.isnan(np.asarray(lattice_filter(small, jnp.ones((100, 1))))).all()
+  assert np.isnan(np.asarray(apply_filter(small, jnp.ones((100, 1))))).all()
   with pytest.raises(ValueError, match="capacity"):
     build_lattice(features, capacity=10)
 
@@ -235,7 +244,26 @@ def test_lattice_matches_across_capacity_rungs():
   rng = np.random.default_rng(0)
   features = jnp.asarray(rng.random((3000, 2)) * 5, jnp.float32)
   values = jnp.asarray(rng.random((3000, 2)), jnp.float32)
-  lattice = build_lattice(features)
+  lattice = build(features)
   assert len(lattice.capacities) > 1
-  full = lattice_lib._filter_at(lattice, values, rung=lattice.capacity, reverse=False)
-  np.testing.assert_allclose(lattice_filter(lattice, values), full, rtol=1e-6, atol=1e-6)
+  full = jax.jit(functools.partial(lattice_lib._filter_at, rung=lattice.capacity, reverse=False))(lattice, values)
+  np.testing.assert_allclose(apply_filter(lattice, values), full, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("num_entries, key_range", [(64, 6), (5000, 12), (5000, 1000)])
+def test_hash_table_ids_follow_first_occurrence(num_entries, key_range):
+  rng = np.random.default_rng(num_entries + key_range)
+  keys = rng.integers(-key_range, key_range, (num_entries, 3)).astype(np.int32)
+  table = jax.jit(hash_table.insert)(jnp.asarray(keys))
+  _, first, inverse = np.unique(keys, axis=0, return_index=True, return_inverse=True)
+  # Dense ids in order of each key's first entry, as a sequential insert (pydensecrf's) gives.
+  expected_id = np.argsort(np.argsort(first))[inverse.ravel()]
+  np.testing.assert_array_equal(table.entry_id, expected_id)
+  assert int(table.num_unique) == len(first)
+  np.testing.assert_array_equal(np.asarray(table.first_entry)[:len(first)], np.sort(first))
+  absent = keys + 10 * key_range
+  queries = jnp.asarray(np.concatenate([keys, absent]))
+  valid = jnp.ones(2 * num_entries, bool).at[0].set(False)
+  found = np.asarray(hash_table.lookup(table, jnp.asarray(keys), queries, valid))
+  np.testing.assert_array_equal(found[1:num_entries], expected_id[1:])
+  assert found[0] == -1 and (found[num_entries:] == -1).all()

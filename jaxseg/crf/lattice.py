@@ -9,8 +9,9 @@ The number of lattice points M is data dependent while XLA shapes are static.
 A lattice is sized for a static capacity C (N*(d+1) by default, which can never
 overflow) and carries a static ladder of smaller capacities C, C/4, C/16, ...;
 each filter runs (through lax.switch) at the smallest rung that holds M, so
-the blur costs what the lattice actually uses. Build once per feature set,
-then filter any number of value arrays.
+the blur costs what the lattice actually uses; the blur-neighbour search runs
+chunk by chunk in a loop whose trip count follows M. Build once per feature
+set, then filter any number of value arrays.
 """
 
 import functools
@@ -57,11 +58,11 @@ def max_points(num_inputs: int, dim: int) -> int:
   return num_inputs * (dim + 1)
 
 
-def capacity_ladder(capacity: int, factor: int = _LADDER_FACTOR) -> Tuple[int, ...]:
-  """C, C/factor, C/factor^2, ... down to about 2048 (descending, static)."""
+def capacity_ladder(capacity: int) -> Tuple[int, ...]:
+  """C, C/4, C/16, ... down to about 2048 (descending, static)."""
   rungs = [capacity]
-  while rungs[-1] // factor >= _LADDER_MIN:
-    rungs.append(-(-rungs[-1] // factor))
+  while rungs[-1] // _LADDER_FACTOR >= _LADDER_MIN:
+    rungs.append(-(-rungs[-1] // _LADDER_FACTOR))
   return tuple(rungs)
 
 
