@@ -13,27 +13,14 @@ from jaxseg.crf import build_lattice, dense_crf, lattice_filter
 from jaxseg.crf import hash_table
 from jaxseg.crf import lattice as lattice_lib
 
-dcrf = pytest.importorskip("pydensecrf.densecrf")
+pytest.importorskip("pydensecrf.densecrf")
+from experiments.benchmarks.crf import PARAMS, reference_crf  # noqa: E402
 
-DEFAULT = dict(gaussian_sxy=3.0, gaussian_weight=3.0, bilateral_sxy=80.0, bilateral_srgb=13.0,
-               bilateral_weight=10.0)
-VOC = dict(gaussian_sxy=1.0, gaussian_weight=3.0, bilateral_sxy=67.0, bilateral_srgb=3.0, bilateral_weight=4.0)
-PARAMS = {"default": DEFAULT, "voc": VOC}
+DEFAULT, VOC = PARAMS["default"], PARAMS["voc"]
 # One jitted function per parameter set: each (H, W, L) compiles once for the whole file.
 CRFS = {name: jax.jit(functools.partial(dense_crf, iterations=10, **params)) for name, params in PARAMS.items()}
 build = jax.jit(build_lattice)
 apply_filter = jax.jit(lattice_filter)
-
-
-def reference_crf(image, unary, iterations=10, *, gaussian_sxy, gaussian_weight, bilateral_sxy,
-                  bilateral_srgb, bilateral_weight):
-  height, width, num_labels = unary.shape
-  crf = dcrf.DenseCRF2D(width, height, num_labels)
-  crf.setUnaryEnergy(np.ascontiguousarray(unary.transpose(2, 0, 1).reshape(num_labels, -1)))
-  crf.addPairwiseGaussian(sxy=gaussian_sxy, compat=gaussian_weight)
-  crf.addPairwiseBilateral(sxy=bilateral_sxy, srgb=bilateral_srgb, rgbim=np.ascontiguousarray(image),
-                           compat=bilateral_weight)
-  return np.array(crf.inference(iterations)).reshape(num_labels, height, width).transpose(1, 2, 0)
 
 
 @functools.lru_cache(maxsize=None)

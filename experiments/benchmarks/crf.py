@@ -39,10 +39,10 @@ def _unary(height: int, width: int, num_labels: int) -> np.ndarray:
   return -np.log(prob).astype(np.float32)
 
 
-def reference_crf(image: np.ndarray, unary: np.ndarray, iterations: int, gaussian_sxy: float,
-                  gaussian_weight: float, bilateral_sxy: float, bilateral_srgb: float,
-                  bilateral_weight: float) -> np.ndarray:
-  """pydensecrf's DenseCRF2D, returning Q as [H, W, L] float32."""
+def reference_crf(image: np.ndarray, unary: np.ndarray, iterations: int = ITERATIONS, *,
+                  gaussian_sxy: float, gaussian_weight: float, bilateral_sxy: float,
+                  bilateral_srgb: float, bilateral_weight: float) -> np.ndarray:
+  """pydensecrf's DenseCRF2D: image [H, W, 3] uint8, unary [H, W, L] float32 -> Q [H, W, L] float32."""
   import pydensecrf.densecrf as dcrf
   height, width, num_labels = unary.shape
   crf = dcrf.DenseCRF2D(width, height, num_labels)
