@@ -49,6 +49,20 @@ def process() -> tuple[int, int]:
   return jax.process_index(), jax.process_count()
 
 
+def main_first(name: str, compute):
+  """compute() on process 0, then, after a barrier, on the others.
+
+  For work whose first call writes to shared storage and whose later calls read it
+  (preparing a dataset, downloading weights, fitting a level): process 0 does it once.
+  """
+  if jax.process_index() == 0:
+    result = compute()
+  barrier(name)
+  if jax.process_index() != 0:
+    result = compute()
+  return result
+
+
 def barrier(name: str) -> None:
   """Waits until every process has reached the barrier of this name (no-op with one process)."""
   if jax.process_count() > 1:

@@ -475,13 +475,14 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict:
   workdir = pathlib.Path(workdir).expanduser()
   method = method_config(config)
   data = config.data
-  source = jaxseg.data.load(data.name, data.split or None, data_dir=pathlib.Path(data.data_dir).expanduser(),
-                            manual_dir=pathlib.Path(data.manual_dir).expanduser() if data.manual_dir else None)
+  source = distributed.main_first("data", lambda: jaxseg.data.load(  # one process prepares a shared data_dir
+      data.name, data.split or None, data_dir=pathlib.Path(data.data_dir).expanduser(),
+      manual_dir=pathlib.Path(data.manual_dir).expanduser() if data.manual_dir else None))
   count = len(source) if not data.limit else min(data.limit, len(source))
   if count == 0:
     raise ValueError(f"{data.name} split {data.split!r} has no images")
-  params, vit = models.load_params(config.model.weights, config.model.variant, seed=config.seed,
-                                   cache_dir=config.model.cache_dir or None)
+  params, vit = distributed.main_first("weights", lambda: models.load_params(
+      config.model.weights, config.model.variant, seed=config.seed, cache_dir=config.model.cache_dir or None))
   if config.model.weights == "random":
     logging.warning("=" * 70 + "\nmodel.weights=random: RANDOMLY INITIALISED ViT. The masks and scores of this "
                     "run are MEANINGLESS (a smoke run).\n" + "=" * 70)
@@ -506,32 +507,27 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict:
   with _stage(r, "features"):
     extract_features(r)
   with _stage(r, "dataset_level"):
-    dataset = _main_first(r, "dataset level", lambda: _dataset_level(r))
+    dataset = _main_first("dataset level", lambda: _dataset_level(r))
   with _stage(r, "category_level"):
-    category_centroids, category_prototypes = _main_first(r, "category level", lambda: _category_level(r, dataset))
+    category_centroids, category_prototypes = _main_first("category level", lambda: _category_level(r, dataset))
   with _stage(r, "image_level_fusion"):
     image_level_and_fusion(r, dataset, category_centroids, category_prototypes)
   with _stage(r, "refinement"):
     refine_masks(r)
   with _stage(r, "labeling"):
     describe_regions(r)
-    classes = _main_first(r, "classes", lambda: classify_regions(r))
+    classes = _main_first("classes", lambda: classify_regions(r))
     write_predictions(r, classes)
-  result = _main_first(r, "report", lambda: evaluate(r) if r.is_main else json.loads(
+  result = _main_first("report", lambda: evaluate(r) if r.is_main else json.loads(
       (workdir / "metrics.json").read_text()))
   distributed.barrier("done")  # no process exits (ending the distributed runtime) while others still work
   return result
 
 
-def _main_first(run: Run, name: str, compute):
+def _main_first(name: str, compute):
   """compute() on process 0, which writes its result to the workdir, then on the others, which read it.
 
   A barrier before compute() makes every process's chunks of the previous pass visible on the shared workdir.
   """
   distributed.barrier(f"before {name}")
-  if run.is_main:
-    result = compute()
-  distributed.barrier(f"after {name}")
-  if not run.is_main:
-    result = compute()
-  return result
+  return distributed.main_first(name, compute)

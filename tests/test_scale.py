@@ -32,6 +32,23 @@ def _pngs(folder: pathlib.Path) -> dict[str, np.ndarray]:
   return {p.name: np.array(PIL.Image.open(p)) for p in sorted(folder.glob("*.png"))}
 
 
+def _start(command, env, log: pathlib.Path) -> subprocess.Popen:
+  """Starts a runner with its output in a file (a pipe nobody reads could fill up and block it)."""
+  with open(log, "wb") as f:
+    return subprocess.Popen(command, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT)
+
+
+def _wait(process: subprocess.Popen, log: pathlib.Path, timeout=600) -> None:
+  process.wait(timeout=timeout)
+  assert process.returncode == 0, log.read_text()[-4000:]
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    return s.getsockname()[1]
+
+
 # ---- helpers on one device ---------------------------------------------------------------------------
 
 def test_pad_batch_pads_with_zeros_and_false():
@@ -140,6 +157,38 @@ def test_sharded_cluster_sums_equal_one_device(sharded):
   assert sharded["stats_count_one"].sum() > 0
 
 
+# ---- the helpers across 2 processes (jax.distributed on localhost, 2 devices each) --------------------
+
+_PROCESS_SCRIPT = textwrap.dedent("""
+    import sys
+    import jax, numpy as np
+    process_id, port, out = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+    jax.distributed.initialize(f"localhost:{port}", 2, process_id)
+    from jaxseg import parallel
+    mesh = parallel.batch_mesh()  # every device of both processes
+    rows = np.arange(6.0).reshape(3, 2) + 100 * process_id  # 3 rows per process: padded to 4
+    x, valid = parallel.shard_batch(parallel.pad_batch((rows, np.ones(3, bool)), len(mesh.local_devices)), mesh)
+    total = jax.jit(lambda x, valid: (x * valid[:, None]).sum(0))(x, valid)
+    np.savez(out, devices=len(x.sharding.device_set), **parallel.to_host({"x": x, "valid": valid, "total": total}))
+""")
+
+
+def test_shard_batch_and_to_host_across_two_processes(tmp_path):
+  port = _free_port()
+  logs = [tmp_path / f"{i}.log" for i in range(2)]
+  processes = [_start([sys.executable, "-c", _PROCESS_SCRIPT, str(i), str(port), str(tmp_path / f"{i}.npz")],
+                      _env(2), logs[i]) for i in range(2)]
+  for process, log in zip(processes, logs):
+    _wait(process, log, timeout=300)
+  rows = [np.arange(6.0).reshape(3, 2) + 100 * i for i in range(2)]
+  for i in range(2):
+    with np.load(tmp_path / f"{i}.npz") as got:
+      assert got["devices"] == 4
+      np.testing.assert_array_equal(got["x"], np.concatenate([rows[0], [[0, 0]], rows[1], [[0, 0]]]))
+      np.testing.assert_array_equal(got["valid"], [True] * 3 + [False] + [True] * 3 + [False])
+      np.testing.assert_array_equal(got["total"], rows[0].sum(0) + rows[1].sum(0))
+
+
 # ---- the segment runner: 1 device, 4 devices, 2 processes --------------------------------------------
 
 RUNNER_FLAGS = ["--config.model.weights=random", "--config.image_size=56", "--config.batch_size=3",
@@ -150,17 +199,6 @@ RUNNER_FLAGS = ["--config.model.weights=random", "--config.image_size=56", "--co
 def _segment(workdir, config_file: str, *overrides) -> list[str]:
   return [sys.executable, "-m", "experiments.segment", f"--workdir={workdir}", f"--config={config_file}",
           *RUNNER_FLAGS, *overrides]
-
-
-def _start(command, env, log: pathlib.Path) -> subprocess.Popen:
-  """Starts a runner with its output in a file (a pipe nobody reads could fill up and block it)."""
-  with open(log, "wb") as f:
-    return subprocess.Popen(command, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT)
-
-
-def _wait(process: subprocess.Popen, log: pathlib.Path, timeout=600) -> None:
-  process.wait(timeout=timeout)
-  assert process.returncode == 0, log.read_text()[-4000:]
 
 
 def _uniform_voc(root: pathlib.Path, n_val: int, size: tuple[int, int]) -> list[str]:
@@ -175,12 +213,6 @@ def _uniform_voc(root: pathlib.Path, n_val: int, size: tuple[int, int]) -> list[
     resized.putpalette(mask.getpalette())
     resized.save(path)
   return ids["val"]
-
-
-def _free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("localhost", 0))
-    return s.getsockname()[1]
 
 
 @pytest.mark.slow
