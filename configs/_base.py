@@ -39,6 +39,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   config.crf.bilateral_sxy = 67.0
   config.crf.bilateral_srgb = 3.0
   config.crf.bilateral_weight = 4.0
+  config.crf.max_side = 1024  # larger images are refined at a copy scaled to this side (bounded memory)
 
   config.gallery_size = 48  # images shown in gallery.html, worst first
 

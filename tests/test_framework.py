@@ -144,6 +144,20 @@ def test_refinement_snaps_to_colour_edges():
   assert iou(refined, truth) > iou(coarse, truth)
 
 
+def test_refinement_of_a_large_image_runs_downscaled():
+  image, truth, fg_prob = _ellipse_scene()
+  block = np.ones((4, 4), np.uint8)
+  large = np.stack([np.kron(image[..., c], block) for c in range(3)], axis=-1)  # 244 x 332
+  crf = dataclasses.replace(CFG.crf, max_side=83)  # refined at 61 x 83, the scene's own size
+  assert framework.downscaled_size(large.shape[:2], 83) == image.shape[:2]
+  refined = np.asarray(framework.refine(large, fg_prob, crf))
+  small = np.asarray(framework.refine(image, fg_prob, dataclasses.replace(crf, max_side=0)))
+  assert refined.shape == large.shape[:2]
+  # The antialiased downscale blurs colour edges by about one block, so the two differ along the edge only.
+  assert np.mean(refined == np.kron(small, block).astype(bool)) >= 0.95
+  assert iou(refined, np.kron(truth, block).astype(bool)) >= 0.9
+
+
 def test_refinement_matches_torch_upsampling_and_pydensecrf():
   torch = pytest.importorskip("torch")
   dcrf = pytest.importorskip("pydensecrf.densecrf")

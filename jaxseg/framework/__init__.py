@@ -47,6 +47,7 @@ from jaxseg.framework.pipeline import batches
 from jaxseg.framework.pipeline import label_pooled
 from jaxseg.framework.pipeline import scores_and_probability
 from jaxseg.framework.pipeline import segment_features
+from jaxseg.framework.refine import downscaled_size
 from jaxseg.framework.refine import refine
 from jaxseg.framework.refine import unary_from_prob
 from jaxseg.framework.refine import upsample

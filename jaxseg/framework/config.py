@@ -15,8 +15,13 @@ class CRFConfig:
   """Dense CRF parameters (DESIGN.md stage 5; the values widely used on VOC).
 
   iterations = 0 skips the CRF: the mask is then the upsampled probability > 0.5.
+  max_side: an image whose longer side exceeds it is refined at a copy scaled
+  to that side (bilinear, antialiased) and the mask is scaled back (nearest),
+  which bounds the CRF's memory (a 4000 x 3000 photo would need ~15 GB);
+  0 = always at full resolution. VOC (<= 500) and COCO (<= 640) are never scaled.
   """
   iterations: int = 10
+  max_side: int = 1024
   gaussian_sxy: float = 1.0
   gaussian_weight: float = 3.0
   bilateral_sxy: float = 67.0
