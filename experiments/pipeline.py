@@ -101,6 +101,16 @@ class Run:
     """A host batch (pytree of [B, ...] arrays) padded to a multiple of the devices and sharded over them."""
     return parallel.shard_batch(parallel.pad_batch(batch, self.mesh.size), self.mesh)
 
+  def capped_method(self, per: int = 1) -> MethodConfig:
+    """The method with its sample budget capped so that each of `per` samples holds at most every patch.
+
+    A reservoir at least as large as the stream keeps all of it, so a larger one would only cost memory
+    (the default 1M x 384 budget is 1.5 GB whatever the split's size).
+    """
+    h, w = self.grid()
+    return dataclasses.replace(self.method, sample_budget=min(self.method.sample_budget,
+                                                              per * len(self.indices) * h * w))
+
   def grid(self) -> tuple[int, int]:
     side = self.config.image_size // self.vit.patch_size
     return side, side
@@ -200,7 +210,7 @@ def _dataset_level(run: Run) -> framework.DatasetLevel:
     sample = None
     for c, features, _ in _chunks(run, "dataset level: sample"):
       if sample is None:
-        sample = reservoir_init(run.method.sample_budget, features.patches.shape[-1])
+        sample = reservoir_init(run.capped_method().sample_budget, features.patches.shape[-1])
       sample = framework.sample_patches(sample, features, key=jax.random.fold_in(sample_key, c))
     centroids = framework.fit_dataset_centroids(_whole(run, sample), run.method, key=fit_key)
     stats = None
@@ -219,7 +229,8 @@ def _category_level(run: Run, dataset: framework.DatasetLevel) -> tuple[jax.Arra
     cls = np.concatenate([arrays["cls"][arrays["valid"].any(axis=(1, 2))]
                           for _, _, arrays in _chunks(run, "category level: CLS")])
     centroids = framework.fit_categories(jnp.asarray(cls), run.method, key=fit_key)
-    samples = framework.category_sample_init(run.method, dataset.centroids.shape[-1])
+    samples = framework.category_sample_init(run.capped_method(per=run.method.num_categories),
+                                             dataset.centroids.shape[-1])
     for c, features, _ in _chunks(run, "category level: sample"):
       categories = framework.assign_categories(features, centroids)
       samples = framework.sample_category_patches(samples, features, categories,
