@@ -1,12 +1,13 @@
 """Mean-field inference in a fully connected CRF, as pydensecrf's DenseCRF2D computes it."""
 
 import functools
-from typing import Tuple
+from typing import NamedTuple, Tuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxseg.crf import lattice as lattice_lib
 from jaxseg.crf.lattice import Lattice, build_lattice, compact, lattice_filter
 
 
@@ -87,6 +88,58 @@ def _check_inputs(image, unary, iterations: int, sigmas) -> None:
                        f"{tuple(int(i) for i in np.argwhere(bad)[0])}); energies must be finite or +inf.")
 
 
+class _Kernels(NamedTuple):
+  """Static description of the two kernels (hashable: a custom_vjp non-differentiable argument)."""
+  height: int
+  width: int
+  gaussian_sxy: float
+  gaussian_weight: float
+  bilateral_weight: float
+  bilateral_capacities: Tuple[int, ...]
+  iterations: int
+
+
+def _mean_field_at(kernels: _Kernels, rung: int, points: lattice_lib.LatticePoints,
+                   energies: jnp.ndarray) -> jnp.ndarray:
+  """Mean field with the bilateral lattice built at capacity `rung`. energies: [N, L] -> Q [N, L]."""
+  gaussian, gaussian_norm = gaussian_kernel(kernels.height, kernels.width, kernels.gaussian_sxy)
+  bilateral = lattice_lib.lattice_at(points, rung)
+  return mean_field(energies, (gaussian, bilateral), (jnp.asarray(gaussian_norm), symmetric_norm(bilateral)),
+                    (kernels.gaussian_weight, kernels.bilateral_weight), kernels.iterations)
+
+
+def _forward_at(kernels, rung, active, points, energies):
+  del active
+  return _mean_field_at(kernels, rung, points, energies)
+
+
+def _backward_at(kernels, rung, active, points, energies, cotangent):
+  del active
+  _, vjp = jax.vjp(functools.partial(_mean_field_at, kernels, rung, points), energies)
+  return vjp(cotangent)[0]
+
+
+# The whole inference runs at one capacity rung, so the bilateral neighbour
+# table is built at that size (not at N*(d+1)) and no filter switches again.
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _inference(kernels: _Kernels, points: lattice_lib.LatticePoints, energies: jnp.ndarray) -> jnp.ndarray:
+  forward = lattice_lib.on_rung(kernels.bilateral_capacities, functools.partial(_forward_at, kernels))
+  return forward(points.table.num_unique, points, energies)
+
+
+def _inference_fwd(kernels, points, energies):
+  return _inference(kernels, points, energies), (points, energies)
+
+
+def _inference_bwd(kernels, residuals, cotangent):
+  points, energies = residuals
+  backward = lattice_lib.on_rung(kernels.bilateral_capacities, functools.partial(_backward_at, kernels))
+  return None, backward(points.table.num_unique, points, energies, cotangent)
+
+
+_inference.defvjp(_inference_fwd, _inference_bwd)
+
+
 def dense_crf(image: jnp.ndarray, unary: jnp.ndarray, *, iterations: int = 10,
               gaussian_sxy: float = 3.0, gaussian_weight: float = 3.0,
               bilateral_sxy: float = 80.0, bilateral_srgb: float = 13.0,
@@ -130,10 +183,9 @@ def dense_crf(image: jnp.ndarray, unary: jnp.ndarray, *, iterations: int = 10,
   height, width, num_labels = unary.shape
   energies = jnp.nan_to_num(unary.astype(jnp.float32), nan=_HUGE_ENERGY, posinf=_HUGE_ENERGY,
                             neginf=-_HUGE_ENERGY)
-  gaussian, gaussian_norm = gaussian_kernel(height, width, float(gaussian_sxy))
-  bilateral = build_lattice(bilateral_features(image, bilateral_sxy, bilateral_srgb))
-  lattices = (gaussian, bilateral)
-  norms = (jnp.asarray(gaussian_norm), symmetric_norm(bilateral))
-  q = mean_field(energies.reshape(-1, num_labels), lattices, norms, (gaussian_weight, bilateral_weight),
-                 iterations)
+  points = lattice_lib.lattice_points(bilateral_features(image, bilateral_sxy, bilateral_srgb))
+  capacities = lattice_lib.capacity_ladder(lattice_lib.max_points(height * width, 5))
+  kernels = _Kernels(height, width, float(gaussian_sxy), float(gaussian_weight), float(bilateral_weight),
+                     capacities, iterations)
+  q = _inference(kernels, points, energies.reshape(-1, num_labels))
   return q.reshape(height, width, num_labels)

@@ -8,14 +8,16 @@ back with the same weights and scale by alpha = 1 / (1 + 2^-d).
 The number of lattice points M is data dependent while XLA shapes are static.
 A lattice is sized for a static capacity C (N*(d+1) by default, which can never
 overflow) and carries a static ladder of smaller capacities C, C/4, C/16, ...;
-each filter runs (through lax.switch) at the smallest rung that holds M, so
-the blur costs what the lattice actually uses; the blur-neighbour search runs
-chunk by chunk in a loop whose trip count follows M. Build once per feature
-set, then filter any number of value arrays.
+each filter runs (through lax.switch) at the smallest rung that holds M, and
+its blur and neighbour search run chunk by chunk in loops whose trip counts
+follow M. Build once per feature set, then filter any number of value arrays.
+Callers that can run a whole computation at one rung (dense_crf does) split
+the build: lattice_points (everything M-independent) outside a rung switch
+(`on_rung`), lattice_at (neighbours at that rung's capacity) inside it.
 """
 
 import functools
-from typing import Optional, Tuple
+from typing import Callable, NamedTuple, Optional, Tuple
 
 import flax.struct
 import jax
@@ -28,6 +30,7 @@ from jaxseg.crf.simplex import enclosing_simplices
 _LADDER_FACTOR = 4
 _LADDER_MIN = 2048
 _SEARCH_CHUNK = 8192
+_BLUR_CHUNK = 16384
 
 
 @flax.struct.dataclass
@@ -53,6 +56,19 @@ class Lattice:
     return self.capacities[0]
 
 
+class LatticePoints(NamedTuple):
+  """The part of a lattice that does not depend on its capacity.
+
+  offsets, weights: as in Lattice.
+  keys: [E, d] int32, E = (d+1) N lattice coordinates, vertex-major (entry r*N + i is vertex r of point i).
+  table: hash table of keys; table.num_unique is M.
+  """
+  offsets: jnp.ndarray
+  weights: jnp.ndarray
+  keys: jnp.ndarray
+  table: hash_table.HashTable
+
+
 def max_points(num_inputs: int, dim: int) -> int:
   """Static bound on the number of lattice points of N inputs in d dimensions: N*(d+1)."""
   return num_inputs * (dim + 1)
@@ -70,6 +86,36 @@ def _rung(num_points: jnp.ndarray, capacities: Tuple[int, ...]) -> jnp.ndarray:
   """Index of the smallest capacity >= num_points (0 if none, i.e. overflow)."""
   fits = num_points <= jnp.asarray(capacities, jnp.int32)
   return jnp.maximum(jnp.sum(fits, dtype=jnp.int32) - 1, 0)
+
+
+def on_rung(capacities: Tuple[int, ...], branch: Callable) -> Callable:
+  """Dispatches on the number of lattice points: f(num_points, *operands) = branch(rung, active, *operands).
+
+  rung is the smallest of `capacities` that holds num_points (static inside
+  the branch) and active ([] int32) the number of points to work on. Under
+  vmap the whole batch runs one rung, the largest needed, with `active` its
+  largest num_points (unbatched, so loops over points keep one trip count);
+  a batched index would make lax.switch run every branch.
+  """
+  def call(num_points, *operands):
+    if len(capacities) == 1:
+      return branch(capacities[0], num_points, *operands)
+    branches = [functools.partial(branch, rung) for rung in capacities]
+    return jax.lax.switch(_rung(num_points, capacities), branches, num_points, *operands)
+
+  dispatch = jax.custom_batching.custom_vmap(call)
+
+  @dispatch.def_vmap
+  def _batched(axis_size, in_batched, num_points, *operands):
+    del axis_size
+    active = jnp.max(num_points) if in_batched[0] else num_points
+    in_axes = jax.tree_util.tree_map(lambda batched: 0 if batched else None, tuple(in_batched[1:]))
+    branches = [jax.vmap(functools.partial(branch, rung, active), in_axes=in_axes) for rung in capacities]
+    if len(branches) == 1:
+      return branches[0](*operands), True
+    return jax.lax.switch(_rung(active, capacities), branches, *operands), True
+
+  return dispatch
 
 
 def _plus_steps(dim: int) -> np.ndarray:
@@ -90,31 +136,52 @@ def _find_neighbors(keys: jnp.ndarray, table: hash_table.HashTable, capacity: in
   Returns:
     [d+1, 2, C+1] int32: -1 and +1 neighbours along each direction, C where absent.
   """
-  num_entries, dim = keys.shape
-  chunk = min(_SEARCH_CHUNK, capacity)
-  width = -(-capacity // chunk) * chunk
-  first_entry = jnp.pad(table.first_entry, (0, max(0, width - num_entries)))
+  dim = keys.shape[1]
+  rows = capacity + 1
+  chunk = min(_SEARCH_CHUNK, rows)
   steps = jnp.asarray(_plus_steps(dim))
   num_points = jnp.minimum(table.num_unique, capacity)
 
-  def search(i, found):
-    plus, minus = found
-    start = i * chunk
+  def search(i, neighbors):
+    # The last chunk is moved back to fit; rows it repeats get the same values again.
+    start = jnp.minimum(i * chunk, rows - chunk)
     point = start + jnp.arange(chunk, dtype=jnp.int32)
-    queries = keys[jax.lax.dynamic_slice(first_entry, (start,), (chunk,))][:, None, :] + steps  # [chunk, d+1, d]
+    own = keys.at[table.first_entry.at[point].get(mode="clip")].get(mode="clip")
+    queries = own[:, None, :] + steps  # [chunk, d+1, d]
     in_use = jnp.broadcast_to((point < num_points)[:, None], queries.shape[:-1])
     hit = hash_table.lookup(table, keys, queries.reshape(-1, dim), in_use.reshape(-1)).reshape(chunk, dim + 1).T
     hit = jnp.where((hit < 0) | (hit >= capacity), capacity, hit)  # [d+1, chunk]
-    plus = jax.lax.dynamic_update_slice(plus, hit, (0, start))
-    # b is a's +1 neighbour exactly when a is b's -1 neighbour.
-    minus = jax.vmap(lambda row, h: row.at[h].set(point, mode="drop"))(minus, jnp.where(hit < capacity, hit, width + 1))
-    return plus, minus
+    neighbors = jax.lax.dynamic_update_slice(neighbors, hit[:, None, :], (0, 1, start))
+    # b is a's +1 neighbour exactly when a is b's -1 neighbour; absent ones are dropped.
+    minus_rows = jnp.where(hit < capacity, hit, rows)
+    return jax.vmap(lambda table_j, h: table_j.at[0, h].set(point, mode="drop"))(neighbors, minus_rows)
 
-  absent = jnp.full((dim + 1, width + 1), capacity, jnp.int32)
   num_chunks = (num_points + chunk - 1) // chunk
-  plus, minus = jax.lax.fori_loop(0, num_chunks, search, (absent, absent))
-  neighbors = jnp.stack([minus, plus], axis=1)[:, :, :capacity + 1]
-  return neighbors.at[:, :, capacity].set(capacity)
+  return jax.lax.fori_loop(0, num_chunks, search, jnp.full((dim + 1, 2, rows), capacity, jnp.int32))
+
+
+def lattice_points(features: jnp.ndarray) -> LatticePoints:
+  """Simplices, keys and point ids of a point set: the capacity-independent part of build_lattice.
+
+  Args:
+    features: [N, d] float32, as for build_lattice.
+
+  Returns:
+    LatticePoints.
+  """
+  num_inputs, dim = features.shape
+  simplices = enclosing_simplices(features)
+  keys = simplices.keys.reshape(-1, dim)
+  table = hash_table.insert(keys)
+  offsets = table.entry_id.reshape(dim + 1, num_inputs).T
+  return LatticePoints(offsets=offsets, weights=simplices.weights, keys=keys, table=table)
+
+
+def lattice_at(points: LatticePoints, capacity: int, capacities: Optional[Tuple[int, ...]] = None) -> Lattice:
+  """The lattice of `points` with room for `capacity` points (static); filters use `capacities` (default (C,))."""
+  return Lattice(offsets=points.offsets, weights=points.weights,
+                 neighbors=_find_neighbors(points.keys, points.table, capacity),
+                 num_points=points.table.num_unique, capacities=capacities or (capacity,))
 
 
 def build_lattice(features: jnp.ndarray, capacity: Optional[int] = None) -> Lattice:
@@ -134,42 +201,66 @@ def build_lattice(features: jnp.ndarray, capacity: Optional[int] = None) -> Latt
   num_inputs, dim = features.shape
   if capacity is None:
     capacity = max_points(num_inputs, dim)
-  simplices = enclosing_simplices(features)
-  keys = simplices.keys.reshape(-1, dim)
-  table = hash_table.insert(keys)
-  if not isinstance(table.num_unique, jax.core.Tracer) and int(table.num_unique) > capacity:
-    raise ValueError(f"build_lattice: {int(table.num_unique)} lattice points exceed capacity {capacity}; "
+  points = lattice_points(features)
+  num_points = points.table.num_unique
+  if not isinstance(num_points, jax.core.Tracer) and int(num_points) > capacity:
+    raise ValueError(f"build_lattice: {int(num_points)} lattice points exceed capacity {capacity}; "
                      f"pass a larger capacity (N*(d+1) = {max_points(num_inputs, dim)} always suffices).")
-  neighbors = _find_neighbors(keys, table, capacity)
-  return Lattice(offsets=table.entry_id.reshape(num_inputs, dim + 1), weights=simplices.weights,
-                 neighbors=neighbors, num_points=table.num_unique, capacities=capacity_ladder(capacity))
+  return lattice_at(points, capacity, capacity_ladder(capacity))
 
 
 def compact(lattice: Lattice) -> Lattice:
   """Shrinks a concrete (not traced) lattice to capacity M exactly: a constant lattice for reuse."""
   num_points = int(lattice.num_points)
   neighbors = np.minimum(np.asarray(lattice.neighbors)[:, :, :num_points + 1], num_points)
-  neighbors[:, :, num_points] = num_points
   return Lattice(offsets=lattice.offsets, weights=lattice.weights, neighbors=jnp.asarray(neighbors),
                  num_points=lattice.num_points, capacities=(num_points,))
 
 
-def _filter_at(lattice: Lattice, values: jnp.ndarray, rung: int, reverse: bool) -> jnp.ndarray:
+def _blur(grid: jnp.ndarray, neighbors: jnp.ndarray, active: jnp.ndarray, reverse: bool) -> jnp.ndarray:
+  """[1/2, 1, 1/2] along each direction in turn, on the first `active` rows, chunk by chunk.
+
+  Args:
+    grid: [R+1, L] float32, row R the zero row.
+    neighbors: [d+1, 2, R+1] int32, rows indices < active or R.
+    active: [] int32, rows to blur (the others are never read).
+    reverse: blur the directions in reverse order (the transpose).
+
+  Returns:
+    [R+1, L] float32.
+  """
+  rows = grid.shape[0]
+  chunk = min(_BLUR_CHUNK, rows)
+  num_chunks = (active + chunk - 1) // chunk
+  directions = range(neighbors.shape[0])
+  source, target = grid, jnp.zeros_like(grid)
+  for direction in (reversed(directions) if reverse else directions):
+    pairs = neighbors[direction]
+
+    # Two buffers, each step reading one and writing the other in place: no copy per direction.
+    def blur_chunk(i, target, source=source, pairs=pairs):
+      start = jnp.minimum(i * chunk, rows - chunk)
+      pair = jax.lax.dynamic_slice_in_dim(pairs, start, chunk, axis=1)
+      own = jax.lax.dynamic_slice_in_dim(source, start, chunk)
+      return jax.lax.dynamic_update_slice_in_dim(target, own + 0.5 * (source[pair[0]] + source[pair[1]]),
+                                                 start, axis=0)
+
+    source, target = jax.lax.fori_loop(0, num_chunks, blur_chunk, target), source
+  return source
+
+
+def _filter_at(rung: int, active: jnp.ndarray, lattice: Lattice, values: jnp.ndarray,
+               reverse: bool) -> jnp.ndarray:
   """Splat, blur, slice on the first `rung` lattice points. values: [N, L] -> [N, L]."""
   num_inputs, num_values = values.shape
   dim = lattice.offsets.shape[-1] - 1
-  neighbors = jnp.minimum(lattice.neighbors[:, :, :rung + 1], rung).at[:, :, rung].set(rung)
-  if reverse:
-    neighbors = neighbors[::-1]
+  neighbors = lattice.neighbors
+  if rung != lattice.capacity:
+    neighbors = jnp.minimum(neighbors[:, :, :rung + 1], rung)
   contributions = lattice.weights[:, :, None] * values[:, None, :]  # [N, d+1, L]
   grid = jax.ops.segment_sum(contributions.reshape(-1, num_values), lattice.offsets.reshape(-1),
                              num_segments=rung + 1)
-
-  # One scan step per direction: unrolled, XLA would fuse the steps and recompute.
-  def blur(grid, pair):
-    return grid + 0.5 * (grid[pair[0]] + grid[pair[1]]), None
-
-  grid, _ = jax.lax.scan(blur, grid, neighbors)
+  grid = _blur(grid, neighbors, active, reverse)
   alpha = np.float32(1.0 / (1.0 + 2.0 ** -dim))
   out = jnp.zeros((num_inputs, num_values), jnp.float32)
   for r in range(dim + 1):
@@ -177,41 +268,13 @@ def _filter_at(lattice: Lattice, values: jnp.ndarray, rung: int, reverse: bool) 
   return out
 
 
-def _filter(lattice: Lattice, values: jnp.ndarray, reverse: bool) -> jnp.ndarray:
-  """Runs the filter at the smallest capacity rung that holds the lattice; NaN on overflow."""
-  branches = [functools.partial(_filter_at, rung=rung, reverse=reverse) for rung in lattice.capacities]
-  if len(branches) == 1:
-    out = branches[0](lattice, values)
-  else:
-    out = jax.lax.switch(_rung(lattice.num_points, lattice.capacities), branches, lattice, values)
-  return jnp.where(lattice.num_points <= lattice.capacity, out, jnp.nan)
-
-
-def _filter_batched(reverse: bool, axis_size: int, in_batched, lattice: Lattice, values: jnp.ndarray):
-  """vmap rule: one rung for the whole batch (the largest needed), not every rung per image."""
-  lattice_batched, values_batched = in_batched
-  if not any(jax.tree_util.tree_leaves(lattice_batched)):
-    # One lattice for all: filter the batch as extra value columns.
-    stacked = values if values_batched else values[None]
-    num_inputs, num_values = stacked.shape[1:]
-    columns = jnp.transpose(stacked, (1, 0, 2)).reshape(num_inputs, -1)
-    out = _filter(lattice, columns, reverse).reshape(num_inputs, -1, num_values)
-    return jnp.transpose(out, (1, 0, 2)), values_batched
-  lattice = jax.tree_util.tree_map(
-      lambda leaf, batched: leaf if batched else jnp.broadcast_to(leaf, (axis_size,) + leaf.shape),
-      lattice, lattice_batched)
-  if not values_batched:
-    values = jnp.broadcast_to(values, (axis_size,) + values.shape)
-  rung = jnp.max(jax.vmap(_rung, in_axes=(0, None))(lattice.num_points, lattice.capacities))
-  branches = [jax.vmap(functools.partial(_filter_at, rung=r, reverse=reverse)) for r in lattice.capacities]
-  out = jax.lax.switch(rung, branches, lattice, values)
-  overflow = (lattice.num_points > lattice.capacity)[:, None, None]
-  return jnp.where(overflow, jnp.nan, out), True
-
-
 def _make_filter(reverse: bool):
-  filt = jax.custom_batching.custom_vmap(functools.partial(_filter, reverse=reverse))
-  filt.def_vmap(functools.partial(_filter_batched, reverse))
+  """Filter at the smallest capacity rung that holds the lattice; NaN on overflow."""
+  def filt(lattice: Lattice, values: jnp.ndarray) -> jnp.ndarray:
+    branch = functools.partial(_filter_at, reverse=reverse)
+    out = on_rung(lattice.capacities, branch)(lattice.num_points, lattice, values)
+    overflow = lattice.num_points > lattice.capacity
+    return jnp.where(overflow[..., None, None], jnp.nan, out)
   return filt
 
 

@@ -4,10 +4,14 @@ Follows Adams, Baek & Davis (2010) with the exact float32 conventions of
 Krähenbühl's permutohedral.cpp (the code inside pydensecrf): the same scale
 factors, elevation order, rounding and rank tie-breaking, so that every point
 lands in the same simplex with the same weights as in the reference.
+
+Everything is computed one coordinate at a time on [N] vectors (the reference's
+pairwise rank loop, unrolled), which XLA turns into a few vectorised loops.
 """
 
-from typing import NamedTuple
+from typing import List, NamedTuple
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -15,8 +19,8 @@ import numpy as np
 class Simplices(NamedTuple):
   """Each feature's enclosing simplex.
 
-  keys: [N, d+1, d] int32, lattice coordinates of the simplex's d+1 vertices
-    (the (d+1)-th coordinate is implied: coordinates sum to zero).
+  keys: [d+1, N, d] int32, lattice coordinates of vertex r of each point's
+    simplex (the (d+1)-th coordinate is implied: coordinates sum to zero).
   weights: [N, d+1] float32, barycentric weights of those vertices (sum to 1).
   """
   keys: jnp.ndarray
@@ -30,14 +34,14 @@ def scale_factors(dim: int) -> np.ndarray:
   return (1.0 / np.sqrt((i + 2) * (i + 1)) * np.float64(inv_std_dev)).astype(np.float32)
 
 
-def elevate(features: jnp.ndarray) -> jnp.ndarray:
+def elevate(features: jnp.ndarray) -> List[jnp.ndarray]:
   """Embeds features in the hyperplane sum(x) = 0 of R^{d+1}.
 
   Args:
     features: [N, d] float32.
 
   Returns:
-    [N, d+1] float32, accumulated in the reference's order (last feature first).
+    d+1 coordinates, each [N] float32, accumulated in the reference's order (last feature first).
   """
   dim = features.shape[-1]
   scaled = features * jnp.asarray(scale_factors(dim))
@@ -48,7 +52,7 @@ def elevate(features: jnp.ndarray) -> jnp.ndarray:
     elevated[j] = running_sum - np.float32(j) * cf
     running_sum = running_sum + cf
   elevated[0] = running_sum
-  return jnp.stack(elevated, axis=-1)
+  return elevated
 
 
 def enclosing_simplices(features: jnp.ndarray) -> Simplices:
@@ -58,7 +62,7 @@ def enclosing_simplices(features: jnp.ndarray) -> Simplices:
     features: [N, d] float32, already divided by the kernel's standard deviations.
 
   Returns:
-    Simplices with keys [N, d+1, d] int32 and weights [N, d+1] float32.
+    Simplices with keys [d+1, N, d] int32 and weights [N, d+1] float32.
   """
   dim = features.shape[-1]
   n_vertices = dim + 1
@@ -67,32 +71,41 @@ def enclosing_simplices(features: jnp.ndarray) -> Simplices:
   elevated = elevate(features.astype(jnp.float32))
 
   # Nearest remainder-0 lattice point; rounding half to even as SSE's cvtps does.
-  quotient = jnp.round(elevated * down)
-  rem0 = quotient * up
-  coord_sum = jnp.sum(quotient, axis=-1, keepdims=True)
+  quotient = [jnp.round(v * down) for v in elevated]
+  rem0 = [q * up for q in quotient]
+  coord_sum = sum(q.astype(jnp.int32) for q in quotient)
 
-  # rank[i]: position of coordinate i in the descending order of the residuals.
-  residual = elevated - rem0
-  less = residual[..., :, None] < residual[..., None, :]  # [N, d+1, d+1]: res_i < res_j
-  upper = np.triu(np.ones((n_vertices, n_vertices), bool), k=1)  # j > i
-  rank = (jnp.sum(less & upper, axis=-1) + jnp.sum(~less & upper, axis=-2)).astype(jnp.float32)
-
-  # Bring the point back onto the plane sum(rem0) = 0.
-  rank = rank + coord_sum
-  add = jnp.where(rank < 0, up, 0.0) - jnp.where(rank >= up, up, 0.0)
-  rank = (rank + add).astype(jnp.int32)
-  rem0 = rem0 + add
+  # rank[i]: position of coordinate i in the descending order of the residuals (reference's loop).
+  residual = [v - r for v, r in zip(elevated, rem0)]
+  rank = [coord_sum] * n_vertices  # then brought back onto the plane sum(rem0) = 0
+  for i in range(n_vertices):
+    for j in range(i + 1, n_vertices):
+      less = residual[i] < residual[j]
+      rank[i] = rank[i] + less.astype(jnp.int32)
+      rank[j] = rank[j] + (~less).astype(jnp.int32)
+  adds = [jnp.where(k < 0, n_vertices, 0) - jnp.where(k >= n_vertices, n_vertices, 0) for k in rank]
+  rank = [k + a for k, a in zip(rank, adds)]
+  rem0 = [r + a.astype(jnp.float32) for r, a in zip(rem0, adds)]
 
   # Barycentric weights (p.10): u[p] is the residual of the coordinate of rank d - p.
-  scaled_residual = (elevated - rem0) * down
-  position = dim - rank  # [N, d+1], a permutation of 0..d
-  onehot = position[..., :, None] == jnp.arange(n_vertices)  # [N, i, p]
-  u = jnp.sum(jnp.where(onehot, scaled_residual[..., :, None], 0.0), axis=-2)  # [N, d+1]
-  weights = jnp.concatenate([u[..., :1] + (1.0 - u[..., -1:]), u[..., 1:] - u[..., :-1]], axis=-1)
+  scaled_residual = [(v - r) * down for v, r in zip(elevated, rem0)]
+  u = []
+  for p in range(n_vertices):
+    value = jnp.zeros_like(scaled_residual[0])
+    for k, s in zip(rank, scaled_residual):
+      value = jnp.where(k == dim - p, s, value)
+    u.append(value)
+  weights = [u[0] + (1.0 - u[dim])] + [u[p] - u[p - 1] for p in range(1, n_vertices)]
 
   # Vertex r = rem0 + canonical simplex r, canonical[r][k] = r - (d+1) if rank[k] > d - r.
-  remainder = jnp.arange(n_vertices, dtype=jnp.int32)[:, None]  # [d+1, 1]
-  rem0_int = rem0[..., None, :dim].astype(jnp.int32)  # [N, 1, d]
-  wraps = rank[..., None, :dim] > (dim - remainder)  # [N, d+1, d]
-  keys = rem0_int + remainder - jnp.where(wraps, n_vertices, 0)
-  return Simplices(keys=keys.astype(jnp.int32), weights=weights.astype(jnp.float32))
+  rem0_int = jnp.stack([r.astype(jnp.int32) for r in rem0[:dim]], axis=-1)  # [N, d]
+  rank_int = jnp.stack(rank[:dim], axis=-1)  # [N, d]
+
+  # A loop over vertices keeps XLA from recomputing the simplex inside every consumer of the keys.
+  def vertex_keys(r, keys):
+    key = rem0_int + r - jnp.where(rank_int > dim - r, n_vertices, 0)
+    return jax.lax.dynamic_update_index_in_dim(keys, key, r, axis=0)
+
+  keys = jax.lax.fori_loop(0, n_vertices, vertex_keys,
+                           jnp.zeros((n_vertices,) + rem0_int.shape, jnp.int32))
+  return Simplices(keys=keys, weights=jnp.stack(weights, axis=-1))
