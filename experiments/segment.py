@@ -10,6 +10,7 @@ Several hosts: start the same command on every host with a shared --workdir and
 import pathlib
 import sys
 
+import jax
 from absl import app
 from absl import flags
 from absl import logging
@@ -25,6 +26,9 @@ _CONFIG = config_flags.DEFINE_config_file(
     "config", str(_DEFAULT_CONFIG), "Path to an ml_collections config file (configs/*.py). Override any field with "
     "--config.FIELD=VALUE; the fields are: " + ", ".join(config_fields(_DEFAULT_CONFIG)), lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for features, predictions, metrics and the gallery.")
+_XLA_CACHE = flags.DEFINE_string(
+    "xla_cache_dir", "~/.cache/jaxseg/xla", "Persistent XLA compilation cache (empty: none). The CRF compiles once "
+    "per image size, so a rerun or a resumed run skips most compilation.")
 flags.mark_flags_as_required(["workdir"])
 
 
@@ -32,6 +36,8 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   distributed.initialize(_CONFIG.value.distributed)  # before any JAX computation
+  if _XLA_CACHE.value:
+    jax.config.update("jax_compilation_cache_dir", str(pathlib.Path(_XLA_CACHE.value).expanduser()))
   logging.info("workdir: %s", _WORKDIR.value)
   logging.info("config:\n%s", _CONFIG.value)
   try:

@@ -202,16 +202,22 @@ def _segment(workdir, config_file: str, *overrides) -> list[str]:
 
 
 def _uniform_voc(root: pathlib.Path, n_val: int, size: tuple[int, int]) -> list[str]:
-  """The VOC fixture with every image and mask resized to one size (one CRF compilation per run)."""
+  """The VOC fixture at one size (one CRF compilation per run), each image painted flat from its mask.
+
+  Flat colours give decisive foreground probabilities even with random weights: where they sit at
+  0.5, float rounding that differs between device layouts (reduction order) could flip a pixel.
+  """
   ids = fixtures.make_voc_devkit(root, n_train=1, n_val=n_val, n_detection_only=0)
   devkit = root / "VOCdevkit" / "VOC2012"
-  for path in (devkit / "JPEGImages").glob("*.jpg"):
-    PIL.Image.open(path).convert("RGB").resize(size, PIL.Image.BILINEAR).save(path, quality=95)
+  colours = np.asarray(fixtures.voc_palette(), np.uint8).reshape(256, 3)
   for path in (devkit / "SegmentationClass").glob("*.png"):
     mask = PIL.Image.open(path)
     resized = mask.resize(size, PIL.Image.NEAREST)
     resized.putpalette(mask.getpalette())
     resized.save(path)
+    labels = np.array(resized)
+    pixels = np.where((labels == 0)[..., None] | (labels == 255)[..., None], 128, colours[labels])
+    PIL.Image.fromarray(pixels.astype(np.uint8)).save(devkit / "JPEGImages" / f"{path.stem}.jpg", quality=95)
   return ids["val"]
 
 
