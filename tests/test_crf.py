@@ -228,8 +228,7 @@ def test_lattice_matches_across_capacity_rungs():
   values = jnp.asarray(rng.random((3000, 2)), jnp.float32)
   lattice = build(features)
   assert len(lattice.capacities) > 1
-  full = jax.jit(functools.partial(lattice_lib._filter_at, lattice.capacity, reverse=False))(
-      lattice.num_points, lattice, values)
+  full = jax.jit(functools.partial(lattice_lib._filter_at, lattice.capacity, reverse=False))(lattice, values)
   np.testing.assert_allclose(apply_filter(lattice, values), full, rtol=1e-6, atol=1e-6)
 
 

@@ -1,7 +1,7 @@
 """Mean-field inference in a fully connected CRF, as pydensecrf's DenseCRF2D computes it."""
 
 import functools
-from typing import NamedTuple, Tuple
+from typing import NamedTuple, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -11,10 +11,22 @@ from jaxseg.crf import lattice as lattice_lib
 from jaxseg.crf.lattice import Lattice, build_lattice, compact, lattice_filter
 
 
-def gaussian_features(height: int, width: int, sxy: float) -> jnp.ndarray:
+def gaussian_features(height: int, width: int, sxy: float) -> np.ndarray:
   """[H*W, 2] float32 features (x / sxy, y / sxy), row-major pixels."""
   y, x = np.mgrid[:height, :width].astype(np.float32)
-  return jnp.asarray(np.stack([x, y], axis=-1).reshape(-1, 2) / np.float32(sxy))
+  return np.stack([x, y], axis=-1).reshape(-1, 2) / np.float32(sxy)
+
+
+def _bucket(size: int) -> int:
+  """Smallest of 2^k and 3 * 2^(k-1) that is >= size: few distinct shapes to compile for."""
+  power = 1 << max(0, size - 1).bit_length()
+  return power * 3 // 4 if power >= 4 and power * 3 // 4 >= size else power
+
+
+@jax.jit
+def _padded_gaussian_kernel(features: jnp.ndarray, valid: jnp.ndarray) -> Tuple[Lattice, jnp.ndarray]:
+  lattice = build_lattice(features)
+  return lattice, symmetric_norm(lattice, valid)
 
 
 @functools.lru_cache(maxsize=16)
@@ -22,11 +34,17 @@ def gaussian_kernel(height: int, width: int, sxy: float) -> Tuple[Lattice, np.nd
   """The position-only lattice and its symmetric norm [N, 1].
 
   Both are functions of static sizes: built once per shape, compacted to M
-  lattice points, and embedded as constants.
+  lattice points, and passed to the inference as constants. The build is
+  compiled per bucket of sizes, not per shape: points are padded with copies
+  of the first one, which add no lattice point and are masked out of the norm.
   """
-  with jax.ensure_compile_time_eval():
-    lattice = compact(jax.jit(build_lattice)(gaussian_features(height, width, sxy)))
-    return lattice, np.asarray(jax.jit(symmetric_norm)(lattice))
+  features = gaussian_features(height, width, sxy)
+  num_inputs = features.shape[0]
+  padding = np.repeat(features[:1], _bucket(num_inputs) - num_inputs, axis=0)
+  valid = np.arange(num_inputs + len(padding)) < num_inputs
+  with jax.ensure_compile_time_eval():  # concrete arrays even when first called under jit
+    lattice, norm = _padded_gaussian_kernel(np.concatenate([features, padding]), valid)
+    return compact(lattice, num_inputs), np.asarray(norm)[:num_inputs]
 
 
 def bilateral_features(image: jnp.ndarray, sxy: float, srgb: float) -> jnp.ndarray:
@@ -36,10 +54,29 @@ def bilateral_features(image: jnp.ndarray, sxy: float, srgb: float) -> jnp.ndarr
   return jnp.concatenate([gaussian_features(height, width, sxy), colour], axis=-1)
 
 
-def symmetric_norm(lattice: Lattice) -> jnp.ndarray:
-  """[N, 1] float32: 1 / sqrt(K 1 + 1e-20), pydensecrf's NORMALIZE_SYMMETRIC."""
+def symmetric_norm(lattice: Lattice, valid: Optional[jnp.ndarray] = None) -> jnp.ndarray:
+  """[N, 1] float32: 1 / sqrt(K 1 + 1e-20), pydensecrf's NORMALIZE_SYMMETRIC.
+
+  valid: optional [N] bool, the points that count (the others splat nothing).
+  """
   num_inputs = lattice.offsets.shape[0]
-  return jax.lax.rsqrt(lattice_filter(lattice, jnp.ones((num_inputs, 1), jnp.float32)) + 1e-20)
+  ones = jnp.ones((num_inputs, 1), jnp.float32) if valid is None else valid.astype(jnp.float32)[:, None]
+  return jax.lax.rsqrt(lattice_filter(lattice, ones) + 1e-20)
+
+
+# Up to this many labels, a softmax over unrolled columns is one vectorised loop; XLA's
+# reduction over a short minor axis was 10x slower at 2 labels, and faster from about 16.
+_UNROLLED_SOFTMAX_LABELS = 16
+
+
+def label_softmax(logits: jnp.ndarray) -> jnp.ndarray:
+  """Softmax over labels, as pydensecrf's expAndNormalize (max-shifted exp, divided by the sum). [N, L] -> [N, L]."""
+  num_labels = logits.shape[-1]
+  if num_labels > _UNROLLED_SOFTMAX_LABELS:
+    return jax.nn.softmax(logits, axis=-1)
+  top = functools.reduce(jnp.maximum, [logits[:, label] for label in range(num_labels)])
+  exps = jnp.exp(logits - top[:, None])
+  return exps / functools.reduce(jnp.add, [exps[:, label] for label in range(num_labels)])[:, None]
 
 
 def mean_field(unary: jnp.ndarray, lattices, norms, weights, iterations: int) -> jnp.ndarray:
@@ -57,9 +94,9 @@ def mean_field(unary: jnp.ndarray, lattices, norms, weights, iterations: int) ->
     logits = -unary
     for lattice, norm, weight in zip(lattices, norms, weights):
       logits = logits + np.float32(weight) * norm * lattice_filter(lattice, norm * q)
-    return jax.nn.softmax(logits, axis=-1)
+    return label_softmax(logits)
 
-  return jax.lax.fori_loop(0, iterations, step, jax.nn.softmax(-unary, axis=-1))
+  return jax.lax.fori_loop(0, iterations, step, label_softmax(-unary))
 
 
 # Stand-in for infinite energies, so that no softmax sees inf - inf.
@@ -90,51 +127,43 @@ def _check_inputs(image, unary, iterations: int, sigmas) -> None:
 
 class _Kernels(NamedTuple):
   """Static description of the two kernels (hashable: a custom_vjp non-differentiable argument)."""
-  height: int
-  width: int
-  gaussian_sxy: float
   gaussian_weight: float
   bilateral_weight: float
   bilateral_capacities: Tuple[int, ...]
   iterations: int
 
 
-def _mean_field_at(kernels: _Kernels, rung: int, points: lattice_lib.LatticePoints,
-                   energies: jnp.ndarray) -> jnp.ndarray:
+def _mean_field_at(kernels: _Kernels, rung: int, gaussian: Lattice, gaussian_norm: jnp.ndarray,
+                   points: lattice_lib.LatticePoints, energies: jnp.ndarray) -> jnp.ndarray:
   """Mean field with the bilateral lattice built at capacity `rung`. energies: [N, L] -> Q [N, L]."""
-  gaussian, gaussian_norm = gaussian_kernel(kernels.height, kernels.width, kernels.gaussian_sxy)
   bilateral = lattice_lib.lattice_at(points, rung)
-  return mean_field(energies, (gaussian, bilateral), (jnp.asarray(gaussian_norm), symmetric_norm(bilateral)),
+  return mean_field(energies, (gaussian, bilateral), (gaussian_norm, symmetric_norm(bilateral)),
                     (kernels.gaussian_weight, kernels.bilateral_weight), kernels.iterations)
 
 
-def _forward_at(kernels, rung, active, points, energies):
-  del active
-  return _mean_field_at(kernels, rung, points, energies)
-
-
-def _backward_at(kernels, rung, active, points, energies, cotangent):
-  del active
-  _, vjp = jax.vjp(functools.partial(_mean_field_at, kernels, rung, points), energies)
+def _backward_at(kernels, rung, gaussian, gaussian_norm, points, energies, cotangent):
+  _, vjp = jax.vjp(functools.partial(_mean_field_at, kernels, rung, gaussian, gaussian_norm, points), energies)
   return vjp(cotangent)[0]
 
 
 # The whole inference runs at one capacity rung, so the bilateral neighbour
 # table is built at that size (not at N*(d+1)) and no filter switches again.
+# The Gaussian kernel enters as operands: closed over, each rung would embed its own copy.
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _inference(kernels: _Kernels, points: lattice_lib.LatticePoints, energies: jnp.ndarray) -> jnp.ndarray:
-  forward = lattice_lib.on_rung(kernels.bilateral_capacities, functools.partial(_forward_at, kernels))
-  return forward(points.table.num_unique, points, energies)
+def _inference(kernels: _Kernels, gaussian: Lattice, gaussian_norm: jnp.ndarray,
+               points: lattice_lib.LatticePoints, energies: jnp.ndarray) -> jnp.ndarray:
+  forward = lattice_lib.on_rung(kernels.bilateral_capacities, functools.partial(_mean_field_at, kernels))
+  return forward(points.table.num_unique, gaussian, gaussian_norm, points, energies)
 
 
-def _inference_fwd(kernels, points, energies):
-  return _inference(kernels, points, energies), (points, energies)
+def _inference_fwd(kernels, gaussian, gaussian_norm, points, energies):
+  return _inference(kernels, gaussian, gaussian_norm, points, energies), (gaussian, gaussian_norm, points, energies)
 
 
 def _inference_bwd(kernels, residuals, cotangent):
-  points, energies = residuals
+  gaussian, gaussian_norm, points, energies = residuals
   backward = lattice_lib.on_rung(kernels.bilateral_capacities, functools.partial(_backward_at, kernels))
-  return None, backward(points.table.num_unique, points, energies, cotangent)
+  return None, None, None, backward(points.table.num_unique, gaussian, gaussian_norm, points, energies, cotangent)
 
 
 _inference.defvjp(_inference_fwd, _inference_bwd)
@@ -185,7 +214,7 @@ def dense_crf(image: jnp.ndarray, unary: jnp.ndarray, *, iterations: int = 10,
                             neginf=-_HUGE_ENERGY)
   points = lattice_lib.lattice_points(bilateral_features(image, bilateral_sxy, bilateral_srgb))
   capacities = lattice_lib.capacity_ladder(lattice_lib.max_points(height * width, 5))
-  kernels = _Kernels(height, width, float(gaussian_sxy), float(gaussian_weight), float(bilateral_weight),
-                     capacities, iterations)
-  q = _inference(kernels, points, energies.reshape(-1, num_labels))
+  kernels = _Kernels(float(gaussian_weight), float(bilateral_weight), capacities, iterations)
+  gaussian, gaussian_norm = gaussian_kernel(height, width, float(gaussian_sxy))
+  q = _inference(kernels, gaussian, jnp.asarray(gaussian_norm), points, energies.reshape(-1, num_labels))
   return q.reshape(height, width, num_labels)

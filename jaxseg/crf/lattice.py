@@ -9,8 +9,8 @@ The number of lattice points M is data dependent while XLA shapes are static.
 A lattice is sized for a static capacity C (N*(d+1) by default, which can never
 overflow) and carries a static ladder of smaller capacities C, C/4, C/16, ...;
 each filter runs (through lax.switch) at the smallest rung that holds M, and
-its blur and neighbour search run chunk by chunk in loops whose trip counts
-follow M. Build once per feature set, then filter any number of value arrays.
+the neighbour search runs chunk by chunk in a loop whose trip count follows M.
+Build once per feature set, then filter any number of value arrays.
 Callers that can run a whole computation at one rung (dense_crf does) split
 the build: lattice_points (everything M-independent) outside a rung switch
 (`on_rung`), lattice_at (neighbours at that rung's capacity) inside it.
@@ -30,7 +30,7 @@ from jaxseg.crf.simplex import enclosing_simplices
 _LADDER_FACTOR = 4
 _LADDER_MIN = 2048
 _SEARCH_CHUNK = 8192
-_BLUR_CHUNK = 16384
+_SPLAT_CHUNK = 8192
 
 
 @flax.struct.dataclass
@@ -89,31 +89,29 @@ def _rung(num_points: jnp.ndarray, capacities: Tuple[int, ...]) -> jnp.ndarray:
 
 
 def on_rung(capacities: Tuple[int, ...], branch: Callable) -> Callable:
-  """Dispatches on the number of lattice points: f(num_points, *operands) = branch(rung, active, *operands).
+  """Dispatches on the number of lattice points: f(num_points, *operands) = branch(rung, *operands).
 
   rung is the smallest of `capacities` that holds num_points (static inside
-  the branch) and active ([] int32) the number of points to work on. Under
-  vmap the whole batch runs one rung, the largest needed, with `active` its
-  largest num_points (unbatched, so loops over points keep one trip count);
+  the branch). Under vmap the whole batch runs one rung, the largest needed:
   a batched index would make lax.switch run every branch.
   """
   def call(num_points, *operands):
     if len(capacities) == 1:
-      return branch(capacities[0], num_points, *operands)
+      return branch(capacities[0], *operands)
     branches = [functools.partial(branch, rung) for rung in capacities]
-    return jax.lax.switch(_rung(num_points, capacities), branches, num_points, *operands)
+    return jax.lax.switch(_rung(num_points, capacities), branches, *operands)
 
   dispatch = jax.custom_batching.custom_vmap(call)
 
   @dispatch.def_vmap
   def _batched(axis_size, in_batched, num_points, *operands):
     del axis_size
-    active = jnp.max(num_points) if in_batched[0] else num_points
+    largest = jnp.max(num_points) if in_batched[0] else num_points
     in_axes = jax.tree_util.tree_map(lambda batched: 0 if batched else None, tuple(in_batched[1:]))
-    branches = [jax.vmap(functools.partial(branch, rung, active), in_axes=in_axes) for rung in capacities]
+    branches = [jax.vmap(functools.partial(branch, rung), in_axes=in_axes) for rung in capacities]
     if len(branches) == 1:
       return branches[0](*operands), True
-    return jax.lax.switch(_rung(active, capacities), branches, *operands), True
+    return jax.lax.switch(_rung(largest, capacities), branches, *operands), True
 
   return dispatch
 
@@ -209,58 +207,54 @@ def build_lattice(features: jnp.ndarray, capacity: Optional[int] = None) -> Latt
   return lattice_at(points, capacity, capacity_ladder(capacity))
 
 
-def compact(lattice: Lattice) -> Lattice:
-  """Shrinks a concrete (not traced) lattice to capacity M exactly: a constant lattice for reuse."""
+def compact(lattice: Lattice, num_inputs: Optional[int] = None) -> Lattice:
+  """Shrinks a concrete (not traced) lattice to capacity M exactly: a constant lattice for reuse.
+
+  num_inputs: keep only the first this many input points (default all).
+  """
   num_points = int(lattice.num_points)
   neighbors = np.minimum(np.asarray(lattice.neighbors)[:, :, :num_points + 1], num_points)
-  return Lattice(offsets=lattice.offsets, weights=lattice.weights, neighbors=jnp.asarray(neighbors),
-                 num_points=lattice.num_points, capacities=(num_points,))
+  return Lattice(offsets=jnp.asarray(np.asarray(lattice.offsets)[:num_inputs]),
+                 weights=jnp.asarray(np.asarray(lattice.weights)[:num_inputs]),
+                 neighbors=jnp.asarray(neighbors), num_points=lattice.num_points, capacities=(num_points,))
 
 
-def _blur(grid: jnp.ndarray, neighbors: jnp.ndarray, active: jnp.ndarray, reverse: bool) -> jnp.ndarray:
-  """[1/2, 1, 1/2] along each direction in turn, on the first `active` rows, chunk by chunk.
+def _splat(lattice: Lattice, values: jnp.ndarray, rows: int) -> jnp.ndarray:
+  """Segment sums of weighted values onto `rows` lattice rows, point by point as the reference adds them.
 
-  Args:
-    grid: [R+1, L] float32, row R the zero row.
-    neighbors: [d+1, 2, R+1] int32, rows indices < active or R.
-    active: [] int32, rows to blur (the others are never read).
-    reverse: blur the directions in reverse order (the transpose).
-
-  Returns:
-    [R+1, L] float32.
+  A chunk of points at a time: the [N, d+1, L] contributions never exist whole.
+  values: [N, L] -> [rows, L].
   """
-  rows = grid.shape[0]
-  chunk = min(_BLUR_CHUNK, rows)
-  num_chunks = (active + chunk - 1) // chunk
-  directions = range(neighbors.shape[0])
-  source, target = grid, jnp.zeros_like(grid)
-  for direction in (reversed(directions) if reverse else directions):
-    pairs = neighbors[direction]
+  num_inputs, num_values = values.shape
+  chunk = min(_SPLAT_CHUNK, num_inputs)
 
-    # Two buffers, each step reading one and writing the other in place: no copy per direction.
-    def blur_chunk(i, target, source=source, pairs=pairs):
-      start = jnp.minimum(i * chunk, rows - chunk)
-      pair = jax.lax.dynamic_slice_in_dim(pairs, start, chunk, axis=1)
-      own = jax.lax.dynamic_slice_in_dim(source, start, chunk)
-      return jax.lax.dynamic_update_slice_in_dim(target, own + 0.5 * (source[pair[0]] + source[pair[1]]),
-                                                 start, axis=0)
+  def add(grid, start, size):
+    take = lambda x: jax.lax.dynamic_slice_in_dim(x, start, size)
+    contributions = take(lattice.weights)[:, :, None] * take(values)[:, None, :]  # [size, d+1, L]
+    return grid.at[take(lattice.offsets).reshape(-1)].add(contributions.reshape(-1, num_values), mode="drop")
 
-    source, target = jax.lax.fori_loop(0, num_chunks, blur_chunk, target), source
-  return source
+  full_chunks, tail = divmod(num_inputs, chunk)
+  grid = jax.lax.fori_loop(0, full_chunks, lambda i, grid: add(grid, i * chunk, chunk),
+                           jnp.zeros((rows, num_values), jnp.float32))
+  return add(grid, full_chunks * chunk, tail) if tail else grid
 
 
-def _filter_at(rung: int, active: jnp.ndarray, lattice: Lattice, values: jnp.ndarray,
-               reverse: bool) -> jnp.ndarray:
+def _filter_at(rung: int, lattice: Lattice, values: jnp.ndarray, reverse: bool) -> jnp.ndarray:
   """Splat, blur, slice on the first `rung` lattice points. values: [N, L] -> [N, L]."""
   num_inputs, num_values = values.shape
   dim = lattice.offsets.shape[-1] - 1
   neighbors = lattice.neighbors
   if rung != lattice.capacity:
     neighbors = jnp.minimum(neighbors[:, :, :rung + 1], rung)
-  contributions = lattice.weights[:, :, None] * values[:, None, :]  # [N, d+1, L]
-  grid = jax.ops.segment_sum(contributions.reshape(-1, num_values), lattice.offsets.reshape(-1),
-                             num_segments=rung + 1)
-  grid = _blur(grid, neighbors, active, reverse)
+  if reverse:
+    neighbors = neighbors[::-1]
+  grid = _splat(lattice, values, rung + 1)
+
+  # One scan step per direction: unrolled, XLA would fuse the steps and recompute.
+  def blur(grid, pair):
+    return grid + 0.5 * (grid[pair[0]] + grid[pair[1]]), None
+
+  grid, _ = jax.lax.scan(blur, grid, neighbors)
   alpha = np.float32(1.0 / (1.0 + 2.0 ** -dim))
   out = jnp.zeros((num_inputs, num_values), jnp.float32)
   for r in range(dim + 1):

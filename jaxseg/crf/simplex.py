@@ -87,25 +87,30 @@ def enclosing_simplices(features: jnp.ndarray) -> Simplices:
   rank = [k + a for k, a in zip(rank, adds)]
   rem0 = [r + a.astype(jnp.float32) for r, a in zip(rem0, adds)]
 
-  # Barycentric weights (p.10): u[p] is the residual of the coordinate of rank d - p.
-  scaled_residual = [(v - r) * down for v, r in zip(elevated, rem0)]
-  u = []
-  for p in range(n_vertices):
-    value = jnp.zeros_like(scaled_residual[0])
-    for k, s in zip(rank, scaled_residual):
-      value = jnp.where(k == dim - p, s, value)
-    u.append(value)
-  weights = [u[0] + (1.0 - u[dim])] + [u[p] - u[p - 1] for p in range(1, n_vertices)]
-
-  # Vertex r = rem0 + canonical simplex r, canonical[r][k] = r - (d+1) if rank[k] > d - r.
+  # Per-point arrays enter a loop over vertices as operands, so XLA materialises them once;
+  # fused into the keys' and weights' consumers it recomputed the whole simplex for each use.
+  rank = jnp.stack(rank, axis=-1)  # [N, d+1]
   rem0_int = jnp.stack([r.astype(jnp.int32) for r in rem0[:dim]], axis=-1)  # [N, d]
-  rank_int = jnp.stack(rank[:dim], axis=-1)  # [N, d]
+  scaled_residual = jnp.stack([(v - r) * down for v, r in zip(elevated, rem0)], axis=-1)  # [N, d+1]
 
-  # A loop over vertices keeps XLA from recomputing the simplex inside every consumer of the keys.
-  def vertex_keys(r, keys):
-    key = rem0_int + r - jnp.where(rank_int > dim - r, n_vertices, 0)
-    return jax.lax.dynamic_update_index_in_dim(keys, key, r, axis=0)
+  def barycentric(p):
+    """u[p] (p.10 of Adams et al.): the scaled residual of the coordinate of rank d - p. [N]."""
+    u = scaled_residual[:, 0]
+    for k in range(1, n_vertices):
+      u = jnp.where(rank[:, k] == dim - p, scaled_residual[:, k], u)
+    return u
 
-  keys = jax.lax.fori_loop(0, n_vertices, vertex_keys,
-                           jnp.zeros((n_vertices,) + rem0_int.shape, jnp.int32))
-  return Simplices(keys=keys, weights=jnp.stack(weights, axis=-1))
+  def vertex(r, keys_and_weights):
+    """Vertex r = rem0 + canonical simplex r, canonical[r][k] = r - (d+1) if rank[k] > d - r."""
+    keys, weights = keys_and_weights
+    key = rem0_int + r - jnp.where(rank[:, :dim] > dim - r, n_vertices, 0)
+    u_r, u_previous = barycentric(r), barycentric((r + dim) % n_vertices)
+    weight = jnp.where(r == 0, u_r + (1.0 - u_previous), u_r - u_previous)
+    return (jax.lax.dynamic_update_index_in_dim(keys, key, r, axis=0),
+            jax.lax.dynamic_update_index_in_dim(weights, weight, r, axis=0))
+
+  num_inputs = rank.shape[0]
+  keys, weights = jax.lax.fori_loop(
+      0, n_vertices, vertex, (jnp.zeros((n_vertices, num_inputs, dim), jnp.int32),
+                              jnp.zeros((n_vertices, num_inputs), jnp.float32)))
+  return Simplices(keys=keys, weights=weights.T)
