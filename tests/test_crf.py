@@ -11,6 +11,7 @@ import skimage.transform
 
 from jaxseg.crf import build_lattice, dense_crf, lattice_filter
 from jaxseg.crf import hash_table
+from jaxseg.crf import inference
 from jaxseg.crf import lattice as lattice_lib
 
 pytest.importorskip("pydensecrf.densecrf")
@@ -150,6 +151,24 @@ def test_vmap_over_images_matches_one_by_one():
   # One image, several unaries: the lattices are shared, not batched.
   shared = np.asarray(jax.vmap(crf, in_axes=(None, 0))(images[0], unaries))
   np.testing.assert_allclose(shared[1], crf(images[0], unaries[1]), atol=3e-5)
+
+
+def test_vmap_runs_images_of_different_rungs_at_the_largest():
+  # A flat image has a handful of bilateral lattice points, noise many: alone they run at
+  # different capacity rungs, batched both run at the noise's; the results do not change.
+  rng = np.random.default_rng(0)
+  noise = rng.integers(0, 256, (24, 30, 3), dtype=np.uint8)
+  images = np.stack([np.full_like(noise, 90), noise])
+  unaries = np.stack([make_unary(noise.shape[:2], 3, "noisy", seed=s) for s in range(2)])
+  crf = jax.jit(functools.partial(dense_crf, iterations=5, **VOC))
+  points = [jax.jit(lattice_lib.lattice_points)(inference.bilateral_features(image, 67.0, 3.0)) for image in images]
+  capacities = inference.bilateral_capacities(24 * 30)
+  rungs = [lattice_lib._rung(p.table.num_unique, capacities) for p in points]
+  assert int(rungs[0]) > int(rungs[1])  # a later (smaller) rung for the flat image
+  batched = np.asarray(jax.vmap(crf)(images, unaries))
+  for i in range(2):
+    np.testing.assert_allclose(batched[i], reference_crf(images[i], unaries[i], 5, **VOC), atol=1e-4)
+    np.testing.assert_allclose(batched[i], crf(images[i], unaries[i]), atol=3e-5)
 
 
 def test_gradient_matches_finite_differences():

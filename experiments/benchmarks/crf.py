@@ -2,10 +2,14 @@
 
 Images are skimage's astronaut (512x512) and coffee resized to 500x375; unaries
 are smooth random probabilities. Both parameter sets: pydensecrf's common
-defaults and the VOC set used by jaxseg's refinement stage.
+defaults and the VOC set used by jaxseg's refinement stage. The last rows time
+a first call at a new image size (trace, compile and run), as the refinement
+stage meets every size of a dataset: once for a size whose Gaussian-lattice
+size bucket is new, once for another size in the same bucket.
 """
 
 import functools
+import time
 
 import jax
 import jax.numpy as jnp
@@ -67,6 +71,23 @@ def run():
         agree = np.mean(np.asarray(crf(image_d, unary_d)).argmax(-1)
                         == reference_crf(image, unary, ITERATIONS, **params).argmax(-1))
         row(f"crf {size} L={num_labels} {name}", jaxseg_s, ref_s, extra=f"argmax agree {agree:.4f}")
+  _first_call_rows()
+
+
+def _first_call_rows():
+  """First call at new sizes (crops of the 500x375 image, 2 labels, VOC parameters): compile + run."""
+  params = PARAMS["voc"]
+  crf = jax.jit(functools.partial(dense_crf, iterations=ITERATIONS, **params))
+  image = _images()["500x375"]
+  for height, width, label in ((300, 400, "new bucket"), (301, 400, "same bucket")):
+    crop, unary = np.ascontiguousarray(image[:height, :width]), _unary(height, width, 2)
+    start = time.perf_counter()
+    crf(crop, unary).block_until_ready()
+    first_s = time.perf_counter() - start
+    warm_s = best_time(lambda: crf(crop, unary).block_until_ready(), repeat=3, warmup=0)
+    ref_s = best_time(lambda: reference_crf(crop, unary, ITERATIONS, **params), repeat=3, warmup=1)
+    row(f"crf 1st call {height}x{width} L=2 voc {label}", first_s, ref_s,
+        extra=f"compile {first_s - warm_s:.2f} s, warm {warm_s:.4f} s")
 
 
 if __name__ == "__main__":

@@ -54,6 +54,18 @@ def bilateral_features(image: jnp.ndarray, sxy: float, srgb: float) -> jnp.ndarr
   return jnp.concatenate([gaussian_features(height, width, sxy), colour], axis=-1)
 
 
+# Bilateral lattice points per pixel measured on photographs: 0.01-0.12 with the default
+# parameters, 0.1-1.12 with VOC's. The blur's cost follows the rung, so rungs are dense
+# there; 6 (= d+1) can never overflow. Each rung compiles its own copy of the inference.
+_BILATERAL_RUNGS_PER_PIXEL = (6.0, 1.5, 1.0, 0.5, 0.125)
+
+
+def bilateral_capacities(num_pixels: int) -> Tuple[int, ...]:
+  """Descending static capacities of the bilateral lattice of an image of num_pixels pixels."""
+  rungs = sorted({max(1, int(np.ceil(num_pixels * per_pixel))) for per_pixel in _BILATERAL_RUNGS_PER_PIXEL})
+  return tuple(reversed(rungs))
+
+
 def symmetric_norm(lattice: Lattice, valid: Optional[jnp.ndarray] = None) -> jnp.ndarray:
   """[N, 1] float32: 1 / sqrt(K 1 + 1e-20), pydensecrf's NORMALIZE_SYMMETRIC.
 
@@ -213,7 +225,7 @@ def dense_crf(image: jnp.ndarray, unary: jnp.ndarray, *, iterations: int = 10,
   energies = jnp.nan_to_num(unary.astype(jnp.float32), nan=_HUGE_ENERGY, posinf=_HUGE_ENERGY,
                             neginf=-_HUGE_ENERGY)
   points = lattice_lib.lattice_points(bilateral_features(image, bilateral_sxy, bilateral_srgb))
-  capacities = lattice_lib.capacity_ladder(lattice_lib.max_points(height * width, 5))
+  capacities = bilateral_capacities(height * width)
   kernels = _Kernels(float(gaussian_weight), float(bilateral_weight), capacities, iterations)
   gaussian, gaussian_norm = gaussian_kernel(height, width, float(gaussian_sxy))
   q = _inference(kernels, gaussian, jnp.asarray(gaussian_norm), points, energies.reshape(-1, num_labels))
