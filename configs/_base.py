@@ -50,3 +50,14 @@ def get_base_config() -> ml_collections.ConfigDict:
   config.distributed.num_processes = 0  # 0 = from the environment
   config.distributed.process_id = -1  # -1 = from the environment
   return config
+
+
+def get_dataset_config(variant: str, data_name: str, num_classes: int) -> ml_collections.ConfigDict:
+  """The base config for one backbone on one labelled dataset's val split; one category per class."""
+  config = get_base_config()
+  config.model.variant = variant
+  config.data.name = data_name
+  config.data.split = "val"
+  config.method.num_classes = num_classes
+  config.method.num_categories = num_classes
+  return config

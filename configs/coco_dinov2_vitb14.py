@@ -12,10 +12,4 @@ from configs import _base
 
 
 def get_config():
-  config = _base.get_base_config()
-  config.model.variant = "dinov2_vitb14"
-  config.data.name = "coco_object"
-  config.data.split = "val"
-  config.method.num_classes = 80
-  config.method.num_categories = 80
-  return config
+  return _base.get_dataset_config("dinov2_vitb14", "coco_object", 80)

@@ -12,10 +12,4 @@ from configs import _base
 
 
 def get_config():
-  config = _base.get_base_config()
-  config.model.variant = "dinov2_vitb14"
-  config.data.name = "voc_seg"
-  config.data.split = "val"
-  config.method.num_classes = 20
-  config.method.num_categories = 20
-  return config
+  return _base.get_dataset_config("dinov2_vitb14", "voc_seg", 20)

@@ -304,13 +304,8 @@ def backbone_rows(name: str, backbone: Backbone, method: MethodConfig, scored: d
 
 def _settings(config: ml_collections.ConfigDict) -> dict:
   """{dotted field: value} of every config field that changes a backbone's results."""
-  def walk(node, prefix):
-    for key, value in node.items():
-      if isinstance(value, dict):
-        yield from walk(value, f"{prefix}{key}.")
-      elif f"{prefix}{key}" not in _PRESENTATION_FIELDS:
-        yield f"{prefix}{key}", value
-  return dict(walk(json.loads(config.to_json()), ""))
+  return {name: value for name, value in common.config_items(json.loads(config.to_json()))
+          if name not in _PRESENTATION_FIELDS}
 
 
 def _load(data, split: str):

@@ -20,15 +20,18 @@ def load_config_file(path: str | pathlib.Path):
   return module.get_config()
 
 
+def config_items(config: dict, prefix: str = ""):
+  """Yields (dotted name, value) of every leaf field of a (nested) config dict, e.g. ('model.variant', 'x')."""
+  for key, value in config.items():
+    if isinstance(value, dict):
+      yield from config_items(value, f"{prefix}{key}.")
+    else:
+      yield f"{prefix}{key}", value
+
+
 def config_fields(path: str | pathlib.Path) -> list[str]:
   """Dotted names of every leaf field of a config file, e.g. ['model.variant', 'seed']."""
-  def walk(d, prefix):
-    for key, value in d.items():
-      if isinstance(value, dict):
-        yield from walk(value, f"{prefix}{key}.")
-      else:
-        yield f"{prefix}{key}"
-  return sorted(walk(load_config_file(path).to_dict(), ""))
+  return sorted(name for name, _ in config_items(load_config_file(path).to_dict()))
 
 
 def atomic_write_bytes(path: str | pathlib.Path, data: bytes) -> None:

@@ -111,6 +111,15 @@ class Run:
     return dataclasses.replace(self.method, sample_budget=min(self.method.sample_budget,
                                                               per * len(self.indices) * h * w))
 
+  @functools.cached_property
+  def ids(self) -> dict[int, str]:
+    """{source index: image id} of the run, from the feature cache (read once the features pass is done)."""
+    ids = {}
+    for c in range(self.num_chunks):
+      with np.load(self.path("features", c)) as f:
+        ids.update((int(i), str(name)) for i, name in zip(f["index"], f["id"]) if i >= 0)
+    return ids
+
   def grid(self) -> tuple[int, int]:
     side = self.config.image_size // self.vit.patch_size
     return side, side
@@ -317,15 +326,6 @@ def _encode_cls(run: Run, images: np.ndarray, patch_masks: np.ndarray | None) ->
   return np.concatenate(out) if out else np.zeros((0, run.vit.dim), np.float32)
 
 
-def image_ids(run: Run) -> dict[int, str]:
-  """{source index: image id} of the run, from the feature cache."""
-  ids = {}
-  for c in range(run.num_chunks):
-    with np.load(run.path("features", c)) as f:
-      ids.update((int(i), str(name)) for i, name in zip(f["index"], f["id"]) if i >= 0)
-  return ids
-
-
 def _regions(run: Run, image_id: str) -> tuple[np.ndarray, int]:
   mask = common.read_png_indices(_mask_path(run, "masks", image_id)).astype(bool)
   return framework.regions(mask, run.method.min_region_area)
@@ -386,7 +386,7 @@ def classify_regions(run: Run) -> dict[int, np.ndarray]:
 
 def write_predictions(run: Run, classes: dict[int, np.ndarray]) -> None:
   palette = viz.voc_palette()
-  ids = image_ids(run)
+  ids = run.ids
   owned = np.concatenate([run.chunk(c) for c in run.owned()]) if run.owned() else np.zeros(0, np.int64)
   for index in tqdm.tqdm(owned, desc="predictions", unit="image"):
     image_id = ids[int(index)]
@@ -432,7 +432,7 @@ def evaluate(run: Run) -> dict:
 
 
 def _semantic_scores(run: Run, indices: np.ndarray) -> dict:
-  ids = image_ids(run)
+  ids = run.ids
   names = jaxseg.data.class_names(run.config.data.name)
   total = None
   for index in tqdm.tqdm(indices, desc="evaluation", unit="image"):
@@ -448,7 +448,7 @@ def _semantic_scores(run: Run, indices: np.ndarray) -> dict:
 
 def _write_gallery(run: Run, order: np.ndarray, per_image_iou: np.ndarray | None) -> None:
   """gallery.html with the worst images first (by foreground IoU) and gallery/*.png overlays."""
-  ids = image_ids(run)
+  ids = run.ids
   if per_image_iou is not None:
     chosen = np.argsort(per_image_iou, kind="stable")[:run.config.gallery_size]
   else:
