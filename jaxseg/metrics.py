@@ -170,20 +170,24 @@ def scores_for_assignment(cm: Any, assignment: Any) -> dict[str, Any]:
   matched_cm = np.zeros((num_gt, num_gt), np.int64)
   matched = assignment >= 0
   np.add.at(matched_cm, assignment[matched], cm[matched].astype(np.int64))
+  return dict(_scores_from_matched(matched_cm, cm.sum(0).astype(np.int64), int(cm.sum())),
+              assignment=assignment, matched_cm=matched_cm)
+
+
+def _scores_from_matched(matched_cm: np.ndarray, gt_pixels: np.ndarray, total: int) -> dict[str, Any]:
+  """miou, pixel_accuracy, per_class_iou, present from a matched [G, G] matrix and the [G] ground-truth pixels.
+
+  gt_pixels includes the pixels of unmatched clusters, which are in no row of matched_cm.
+  """
   true_positive = np.diag(matched_cm)
-  gt_pixels = cm.sum(0).astype(np.int64)  # includes pixels of unmatched clusters
-  pred_pixels = matched_cm.sum(1)
-  union = gt_pixels + pred_pixels - true_positive
+  union = gt_pixels + matched_cm.sum(1) - true_positive
   present = gt_pixels > 0
-  per_class_iou = np.divide(true_positive, union, out=np.zeros(num_gt), where=present)
-  total = int(cm.sum())
+  per_class_iou = np.divide(true_positive, union, out=np.zeros(len(gt_pixels)), where=present)
   return dict(
       miou=float(per_class_iou[present].mean()) if present.any() else 0.0,
       pixel_accuracy=float(true_positive.sum() / total) if total else 1.0,
       per_class_iou=per_class_iou,
       present=present,
-      assignment=assignment,
-      matched_cm=matched_cm,
   )
 
 
@@ -201,3 +205,33 @@ def hungarian_scores(cm: Any, *, matching: str = "pixels") -> dict[str, Any]:
     present, assignment, matched_cm) for the Hungarian assignment.
   """
   return scores_for_assignment(cm, hungarian_assignment(cm, matching))
+
+
+def per_image_scores(cms: Any, *, matching: str = "pixels") -> dict[str, Any]:
+  """The per-image matching protocol: Hungarian matching inside each image, scored over the split.
+
+  Some papers match clusters to classes per image rather than once for the
+  dataset; this is their number, for comparison only. Each image's clusters
+  are matched to its classes on its own confusion matrix; the matched pixels
+  of all images are summed into one [G, G] matrix, scored as `hungarian_scores`
+  scores the split's. Its pixel accuracy is at least the split-level one (each
+  image's matching maximises its own matched pixels), so it is reported apart
+  from the dataset-level Hungarian mIoU, never in its place.
+
+  Args:
+    cms: [N, P, G] per-image counts (rows = predicted cluster, columns = class).
+    matching: "pixels" or "iou", per image.
+
+  Returns:
+    dict with miou, pixel_accuracy, per_class_iou [G], present [G] (as
+    `scores_for_assignment`) and matched_cm [G, G] int64.
+  """
+  cms = np.asarray(cms)
+  if cms.ndim != 3:
+    raise ValueError(f"per_image_scores: cms must be [N, P, G], got shape {cms.shape}")
+  num_gt = cms.shape[2]
+  matched_cm = np.zeros((num_gt, num_gt), np.int64)
+  for cm in cms:
+    matched_cm += scores_for_assignment(cm, hungarian_assignment(cm, matching))["matched_cm"]
+  return dict(_scores_from_matched(matched_cm, cms.sum((0, 1)).astype(np.int64), int(cms.sum())),
+              matched_cm=matched_cm)

@@ -154,3 +154,39 @@ def test_foreground_counts_and_iou():
   np.testing.assert_array_equal(total, [inter, union])
   np.testing.assert_allclose(metrics.foreground_iou(total), inter / union)
   assert metrics.foreground_iou([0, 0]) == 1.0
+
+
+@pytest.mark.parametrize("num_pred,num_gt", [(3, 3), (4, 3), (2, 4)])
+def test_per_image_scores_match_brute_force(num_pred, num_gt):
+  """Per image: the pixel-maximising one-to-one map found by enumeration; then IoU straight from the pixels."""
+  rng = np.random.default_rng(num_pred * 10 + num_gt)
+  images = [_random_labels(rng, num_pred, num_gt, shape=(9, 11)) for _ in range(4)]
+  # Image-specific relabelling, so that one matching for the split cannot serve every image.
+  images = [((pred + i) % num_pred, gt) for i, (pred, gt) in enumerate(images)]
+  mapped, truth = [], []
+  for pred, gt in images:
+    counted = (gt >= 0) & (gt < num_gt)
+    best = max(_injective_maps(num_pred, num_gt), key=lambda a: np.sum((a[pred] == gt) & counted))
+    mapped.append(best[pred].ravel())
+    truth.append(gt.ravel())
+  mapped, truth = np.concatenate(mapped), np.concatenate(truth)
+  counted = (truth >= 0) & (truth < num_gt)
+  ious, present = [], []
+  for c in range(num_gt):
+    union = np.sum(((mapped == c) | (truth == c)) & counted)
+    ious.append(np.sum((mapped == c) & (truth == c) & counted) / union if union else 0.0)
+    present.append(np.sum((truth == c) & counted) > 0)
+  ious, present = np.array(ious), np.array(present)
+
+  cms = np.stack([np.asarray(metrics.confusion_matrix(p, g, num_pred, num_gt)) for p, g in images])
+  scores = metrics.per_image_scores(cms)
+  np.testing.assert_allclose(scores["per_class_iou"], ious)
+  np.testing.assert_array_equal(scores["present"], present)
+  np.testing.assert_allclose(scores["miou"], ious[present].mean())
+  np.testing.assert_allclose(scores["pixel_accuracy"], np.sum((mapped == truth) & counted) / np.sum(counted))
+  assert scores["pixel_accuracy"] >= metrics.hungarian_scores(cms.sum(0))["pixel_accuracy"]
+
+
+def test_per_image_scores_rejects_a_single_matrix():
+  with pytest.raises(ValueError, match=r"\[N, P, G\]"):
+    metrics.per_image_scores(np.ones((3, 3), np.int64))
