@@ -82,8 +82,18 @@ def _source(image: bytes | str) -> str:
   return html.escape(image, quote=True)
 
 
+def _legend_html(legend: Sequence[tuple[int, str]], palette: np.ndarray) -> str:
+  items = []
+  for label, name in legend:
+    red, green, blue = (int(c) for c in np.asarray(palette, np.uint8)[label])
+    items.append(f'<li data-label="{int(label)}"><span class="swatch" style="background:rgb({red},{green},{blue})">'
+                 f"</span>{int(label)}: {html.escape(name)}</li>")
+  return '<h2>Legend</h2>\n<ul class="legend">' + "".join(items) + "</ul>\n"
+
+
 def gallery_html(rows: Iterable[GalleryRow], columns: Sequence[str] = ("image", "ground truth", "prediction"), *,
-                 title: str = "jaxseg gallery", worst_first: bool = True) -> str:
+                 title: str = "jaxseg gallery", worst_first: bool = True, legend: Sequence[tuple[int, str]] = (),
+                 banner: str | None = None, palette: np.ndarray = VOC_PALETTE) -> str:
   """A self-contained HTML page showing each row's images side by side.
 
   Args:
@@ -92,6 +102,10 @@ def gallery_html(rows: Iterable[GalleryRow], columns: Sequence[str] = ("image", 
     title: page title.
     worst_first: order rows by ascending score (None last, ties by id);
       False keeps the given order.
+    legend: (label, name) pairs; each is listed with its palette colour (e.g.
+      (3, "cluster 2") or (15, "person")).
+    banner: a warning shown in red above everything (e.g. random weights).
+    palette: [L, 3] uint8 colours of the legend's labels.
 
   Returns:
     The HTML document.
@@ -111,6 +125,11 @@ def gallery_html(rows: Iterable[GalleryRow], columns: Sequence[str] = ("image", 
     body.append(f"<tr><th>{html.escape(str(row.id))}<br>{score}</th>{cells}</tr>")
   return (f"<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\"><title>{html.escape(title)}</title>\n"
           "<style>body{font-family:sans-serif}img{max-width:320px;max-height:320px}"
-          "td,th{padding:4px;vertical-align:top}</style></head>\n"
-          f"<body><h1>{html.escape(title)}</h1>\n<table>\n<tr><th>id / score</th>{head}</tr>\n"
+          "td,th{padding:4px;vertical-align:top}.banner{background:#b00;color:#fff;padding:8px;font-weight:bold}"
+          ".legend{list-style:none;padding:0}.legend li{display:inline-block;margin-right:12px}"
+          ".swatch{display:inline-block;width:14px;height:14px;margin-right:4px;border:1px solid #444;"
+          "vertical-align:middle}</style></head>\n<body>"
+          + (f'<div class="banner">{html.escape(banner)}</div>\n' if banner else "")
+          + f"<h1>{html.escape(title)}</h1>\n" + (_legend_html(legend, palette) if legend else "")
+          + f"<table>\n<tr><th>id / score</th>{head}</tr>\n"
           + "\n".join(body) + "\n</table></body></html>\n")

@@ -47,3 +47,16 @@ def test_gallery_orders_worst_first_and_embeds_or_links():
   assert given.index("good") < given.index("&lt;bad&gt;")
   with pytest.raises(ValueError, match="columns"):
     viz.gallery_html(rows)
+
+
+def test_gallery_legend_and_banner():
+  png = b"\x89PNG fake"
+  rows = [viz.GalleryRow("a", None, [png])]
+  page = viz.gallery_html(rows, columns=("prediction",), legend=[(1, "cluster 0"), (15, "<person>")],
+                          banner="model.weights=random: meaningless masks")
+  assert page.index('class="banner"') < page.index("<h1>") < page.index('class="legend"') < page.index("<table>")
+  assert "meaningless masks" in page
+  assert 'data-label="15"' in page and "rgb(192,128,128)" in page and "&lt;person&gt;" in page  # VOC colour 15
+  assert "rgb(128,0,0)" in page and "cluster 0" in page  # VOC colour 1
+  plain = viz.gallery_html(rows, columns=("prediction",))
+  assert 'class="banner"' not in plain and 'class="legend"' not in plain
