@@ -1,5 +1,6 @@
 """jaxseg.models against transformers (random-init models) and torch's interpolation."""
 
+import dataclasses
 import os
 import pickle
 import re
@@ -149,14 +150,29 @@ def test_meta_names_convert_to_same_params(dinov2):
   jax.tree.map(np.testing.assert_array_equal, models.hf_to_params(hub, cfg), models.meta_to_params(meta, cfg))
 
 
+@pytest.mark.parametrize("variant", [v for v in models.VARIANTS if v.endswith("_reg")])
+def test_register_variants_resize_as_released(variant):
+  """facebookresearch's *_reg hubconf: interpolate_antialias=True, interpolate_offset=0 = size (h, w), antialiased."""
+  cfg = models.VARIANTS[variant]
+  table = np.random.randn(cfg.pos_grid ** 2, 4).astype(np.float32)
+  nchw = torch.from_numpy(table).reshape(1, cfg.pos_grid, cfg.pos_grid, 4).permute(0, 3, 1, 2)
+  for size in [(32, 32), (32, 48)]:
+    ref = torch.nn.functional.interpolate(nchw, size=size, mode="bicubic", align_corners=False, antialias=True)
+    ref = ref.permute(0, 2, 3, 1).reshape(-1, 4).numpy()
+    np.testing.assert_allclose(models.interpolate_pos_embed(jnp.asarray(table), size, cfg.pos_interp), ref,
+                               rtol=0, atol=1e-5)
+
+
 def test_dinov2_with_registers_matches_transformers():
-  hc = transformers.Dinov2WithRegistersConfig(hidden_size=384, num_hidden_layers=2, num_attention_heads=6,
-                                              image_size=518, patch_size=14, num_register_tokens=4,
-                                              attn_implementation="eager")
+  """The dinov2_vits14_reg variant's own config (two blocks) against Dinov2WithRegistersModel."""
+  cfg = dataclasses.replace(models.VARIANTS["dinov2_vits14_reg"], depth=2)
+  hc = transformers.Dinov2WithRegistersConfig(hidden_size=cfg.dim, num_hidden_layers=cfg.depth,
+                                              num_attention_heads=cfg.num_heads, image_size=518, patch_size=14,
+                                              num_register_tokens=4, attn_implementation="eager")
   model = _randomize(transformers.Dinov2WithRegistersModel(hc))
-  cfg = _dinov2_cfg(hc, num_registers=4, pos_interp="hf_antialias")
+  assert cfg == _dinov2_cfg(hc, num_registers=4, pos_interp=cfg.pos_interp)
   params = models.hf_to_params(_hub_names(model.state_dict()), cfg)
-  for size in [(518, 518), (448, 672)]:
+  for size in [(448, 448), (448, 672)]:
     images = np.random.randn(1, *size, 3).astype(np.float32)
     ref, captured = _reference(model, images, model.encoder.layer[-1].attention)
     _compare(ENCODE(params, images, cfg), ref, captured, 5, (size[0] // 14, size[1] // 14))
