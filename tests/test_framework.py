@@ -234,6 +234,21 @@ def test_regions_boxes_and_label_map():
   assert labels.dtype == np.uint8
 
 
+def test_regions_by_fraction_of_the_image_area():
+  mask = np.zeros((10, 10), bool)
+  mask[0:2, 0:3] = True  # 6 pixels = 6% of the image
+  mask[4:9, 3:9] = True  # 30 pixels = 30%
+  region_map, count = framework.regions(mask, min_region_fraction=0.1)
+  assert count == 1 and np.array_equal(region_map, np.where(mask & (np.arange(10)[:, None] >= 4), 1, 0))
+  assert framework.regions(mask, min_region_fraction=0.05)[1] == 2
+  assert framework.regions(mask, 7, 0.05)[1] == 1  # the larger of the two thresholds
+  # A fraction means the same at 3x the resolution; a pixel count does not.
+  large = np.kron(mask, np.ones((3, 3), bool))
+  large_map, large_count = framework.regions(large, min_region_fraction=0.1)
+  assert large_count == 1 and np.array_equal(large_map, np.kron(region_map, np.ones((3, 3), np.int32)))
+  assert framework.regions(large, min_region_area=10)[1] == 2
+
+
 def _pixels_of_patch(index, size, cells):
   """Pixel indices along one axis that fall in patch `index` of `cells` (by pixel centre), or its centre pixel."""
   if size >= cells:
@@ -274,5 +289,7 @@ def test_config_from_mappings_and_validation():
     framework.MethodConfig.from_mappings(dict(featur="q"))
   with pytest.raises(ValueError, match="fusion"):
     framework.MethodConfig(fusion="union")
+  with pytest.raises(ValueError, match="min_region_fraction"):
+    framework.MethodConfig(min_region_fraction=1.0)
   with pytest.raises(ValueError, match="num_categories"):
     framework.fit_categories(np.ones((2, 4), np.float32), CFG, key=jax.random.key(0))
