@@ -99,6 +99,114 @@ def test_padded_batches_give_the_same_result(data, result):
   assert np.mean(np.asarray(whole.fg_mask) == np.asarray(result.fg_mask)) > 0.99
 
 
+LEVEL_CATEGORIES = 4
+LEVEL_CFG = dataclasses.replace(CFG, num_categories=LEVEL_CATEGORIES, num_classes=LEVEL_CATEGORIES,
+                                sample_budget=4000)
+
+
+def planted_wrong_parent(wrong_level, seed=0, noise=0.5):
+  """A split on which one level is wrong on some images and the level below it must correct it.
+
+  fg and bg means sit near two orthogonal directions F and B; each category's CLS tokens
+  cluster apart, so the category level recovers the categories. Objects stay off the border.
+    wrong_level="dataset": the last category's background lies 40 degrees from F, 50 from B:
+      the dataset level calls it foreground, but inside that category it is the cluster
+      farther from the dataset's fg prototype, so the category 2-means turns it back to bg.
+    wrong_level="category": category 0's usual background lies along B + 2E (E orthogonal to
+      F and B); two of its images have a background along 0.2F + 0.7B - 0.6E, on the fg side
+      of that category's 2-means (so the category level is wrong there) but on the bg side of
+      the dataset's (the dataset level is right); each of those images' own 2-means splits
+      object from background.
+
+  Returns:
+    (PatchFeatures, fg [N, h, w] bool, affected [N] bool: the images where wrong_level is wrong).
+  """
+  rng = np.random.default_rng(seed)
+  per_category = 6 if wrong_level == "dataset" else 8
+  count = LEVEL_CATEGORIES * per_category
+  f_dir, b_dir, e_dir, *others = np.linalg.qr(rng.normal(size=(DIM, DIM)))[0].T
+  jitter = lambda n: 0.25 * _unit(rng.normal(size=(n, DIM - 3)) @ np.asarray(others))
+  fg_means = _unit(f_dir + 0.6 * jitter(LEVEL_CATEGORIES))
+  bg_means = _unit(b_dir + jitter(LEVEL_CATEGORIES))
+  category = np.arange(count) % LEVEL_CATEGORIES
+  image_bg = bg_means[category]
+  if wrong_level == "dataset":
+    angle = np.deg2rad(40)
+    image_bg[category == LEVEL_CATEGORIES - 1] = _unit(np.cos(angle) * f_dir + np.sin(angle) * b_dir)
+    affected = category == LEVEL_CATEGORIES - 1
+  else:
+    image_bg[category == 0] = _unit(b_dir + 2 * e_dir)
+    affected = np.zeros(count, bool)
+    affected[np.flatnonzero(category == 0)[:2]] = True
+    image_bg[affected] = _unit(0.2 * f_dir + 0.7 * b_dir - 0.6 * e_dir)
+  fg = np.zeros((count, GRID, GRID), bool)
+  for i in range(count):
+    (top, left), (height, width) = rng.integers(2, 4, 2), rng.integers(5, 7, 2)
+    fg[i, top:top + height, left:left + width] = True
+  means = np.where(fg[..., None], fg_means[category][:, None, None], image_bg[:, None, None])
+  patches = _unit(means + noise * rng.normal(size=means.shape) / np.sqrt(DIM))
+  cls = _unit(_unit(rng.normal(size=(LEVEL_CATEGORIES, DIM)))[category] + 0.1 * rng.normal(size=(count, DIM)))
+  attention = np.where(fg, 0.02, 0.005) + 0.003 * rng.random(fg.shape)
+  features = framework.PatchFeatures(patches.astype(np.float32), cls.astype(np.float32),
+                                     attention.astype(np.float32), np.ones(fg.shape, bool))
+  return features, fg, affected
+
+
+def _disable(monkeypatch, level):
+  """Replaces a level by its parent in segment_features: its prototypes become the parent's."""
+  from jaxseg.framework import levels
+  if level == "category":
+    monkeypatch.setattr(levels, "fit_category_prototypes", lambda samples, dataset, cfg: jax.numpy.broadcast_to(
+        dataset.prototypes, (samples.points.shape[0], *dataset.prototypes.shape)))
+  else:
+    monkeypatch.setattr(levels, "image_prototypes", lambda features, parents, cfg: parents)
+    traced = levels.level_margins.__wrapped__
+
+    def level_margins(features, dataset, category_centroids, category_prototypes, cfg):
+      return traced(features, dataset, category_centroids, category_prototypes, cfg)
+
+    # level_margins is jitted and its trace cached: a new function is traced with the patched image_prototypes.
+    monkeypatch.setattr(levels, "level_margins", jax.jit(level_margins, static_argnames=("cfg",)))
+
+
+def _affected_ious(result, fg, affected):
+  """IoU on the affected images of the dataset, category, image levels and the fused mask."""
+  masks = [*np.asarray(result.level_masks), np.asarray(result.fg_mask)]
+  return [iou(mask[affected], fg[affected]) for mask in masks]
+
+
+def test_category_level_corrects_a_wrong_dataset_level():
+  """With fit_category_prototypes returning the dataset prototypes, the category level repeats the
+  dataset level's mistake and the vote is wrong: test_a_disabled_level_scores_clearly_lower."""
+  features, fg, affected = planted_wrong_parent("dataset")
+  result = framework.segment_features(features, LEVEL_CFG, key=jax.random.key(0), batch_size=8)
+  dataset, category, image, fused = _affected_ious(result, fg, affected)
+  assert dataset < 0.5  # the planted mistake
+  assert category >= 0.9 and image >= 0.9 and fused >= 0.9
+  assert iou(result.fg_mask, fg) >= 0.9
+
+
+def test_image_level_corrects_a_wrong_category_level():
+  """With image_prototypes returning the parents, the image level repeats the category level's
+  mistake and the vote is wrong: test_a_disabled_level_scores_clearly_lower."""
+  features, fg, affected = planted_wrong_parent("category")
+  result = framework.segment_features(features, LEVEL_CFG, key=jax.random.key(0), batch_size=8)
+  dataset, category, image, fused = _affected_ious(result, fg, affected)
+  assert category < 0.5  # the planted mistake
+  assert dataset >= 0.9 and image >= 0.9 and fused >= 0.9
+  assert iou(result.fg_mask, fg) >= 0.9
+
+
+@pytest.mark.parametrize("wrong_level, disabled", [("dataset", "category"), ("category", "image")])
+def test_a_disabled_level_scores_clearly_lower(monkeypatch, wrong_level, disabled):
+  features, fg, affected = planted_wrong_parent(wrong_level)
+  _disable(monkeypatch, disabled)
+  result = framework.segment_features(features, LEVEL_CFG, key=jax.random.key(0), batch_size=8)
+  level = {"category": 1, "image": 2}[disabled]
+  ious = _affected_ious(result, fg, affected)
+  assert ious[level] < 0.5 and ious[3] < 0.5, ious  # the fused mask follows the uncorrected mistake
+
+
 def test_vote_is_at_least_as_good_as_the_best_single_level():
   rng = np.random.default_rng(5)
   truth = np.zeros((40, GRID, GRID), bool)
