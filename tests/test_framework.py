@@ -302,6 +302,54 @@ def test_foreground_clusters_rules():
   assert framework.foreground_clusters(alike, "border").sum() == 1
 
 
+def test_an_empty_dataset_cluster_gives_no_zero_prototype():
+  rng = np.random.default_rng(4)
+  centroids = _unit(rng.normal(size=(2, DIM))).astype(np.float32)
+  # Every patch of the split went to cluster 0, so it is the foreground and cluster 1 is empty.
+  stats = framework.ClusterStats(count=np.array([50, 0]), border_count=np.array([20, 0]),
+                                 attention_sum=np.array([1.0, 0.0]))
+  dataset = framework.dataset_level(centroids, stats, "border")
+  np.testing.assert_array_equal(dataset.foreground, [True, False])
+  np.testing.assert_allclose(dataset.prototypes, centroids[::-1], atol=1e-6)  # bg = the empty cluster's centroid
+  patches = np.where(np.arange(GRID)[:, None] < 5, centroids[0], -centroids[0])[None, :, None, :]
+  patches = np.broadcast_to(patches, (1, GRID, GRID, DIM)).astype(np.float32)
+  features = framework.PatchFeatures(patches, centroids[:1], np.ones((1, GRID, GRID), np.float32),
+                                     np.ones((1, GRID, GRID), bool))
+  images = framework.image_prototypes(features, dataset.prototypes[None], CFG)
+  np.testing.assert_allclose(np.linalg.norm(images, axis=-1), 1.0, rtol=1e-5)
+
+
+def test_a_vanished_two_means_centroid_falls_back_to_the_parent():
+  basis = np.eye(4, dtype=np.float32)
+  parent = basis[:2]  # (bg, fg)
+  # +e2 and -e2 tie between the parents and join the bg cluster, whose mean is zero.
+  points = np.stack([basis[2], -basis[2], basis[1]])
+  split = framework.split_from_parent(points, np.ones(3, bool), parent, CFG)
+  np.testing.assert_allclose(split, parent, atol=1e-6)
+
+
+def _alike_split(kind):
+  """Features with no foreground at all: every patch the same vector, or every patch independent noise."""
+  rng = np.random.default_rng(6)
+  if kind == "identical":
+    patches = np.broadcast_to(_unit(rng.normal(size=DIM)), (NUM_IMAGES, GRID, GRID, DIM))
+    cls = np.broadcast_to(_unit(rng.normal(size=DIM)), (NUM_IMAGES, DIM))
+  else:
+    patches, cls = _unit(rng.normal(size=(NUM_IMAGES, GRID, GRID, DIM))), _unit(rng.normal(size=(NUM_IMAGES, DIM)))
+  return framework.PatchFeatures(patches.astype(np.float32), cls.astype(np.float32),
+                                 np.full((NUM_IMAGES, GRID, GRID), 0.01, np.float32),
+                                 np.ones((NUM_IMAGES, GRID, GRID), bool))
+
+
+@pytest.mark.parametrize("kind", ["identical", "noise"])
+def test_a_split_where_every_cluster_looks_alike_gives_unit_prototypes(kind):
+  result = framework.segment_features(_alike_split(kind), CFG, key=jax.random.key(0), batch_size=6)
+  for name in ("dataset", "category_prototypes", "image_prototypes"):
+    prototypes = result.dataset.prototypes if name == "dataset" else getattr(result, name)
+    np.testing.assert_allclose(np.linalg.norm(prototypes, axis=-1), 1.0, rtol=1e-5, err_msg=name)
+  assert np.isfinite(result.level_scores).all() and np.isfinite(result.fg_prob).all()
+
+
 def test_patch_features_selects_and_normalises():
   rng = np.random.default_rng(0)
   out = dataclasses.make_dataclass("Out", ["cls", "patch_tokens", "q", "k", "v", "cls_attention"])(
