@@ -1,16 +1,22 @@
 """jaxseg.models against transformers (random-init models) and torch's interpolation."""
 
 import dataclasses
+import io
 import os
 import pickle
 import re
+import stat
+import struct
 import subprocess
 import sys
+import urllib.error
+import zipfile
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import safetensors.numpy
 import safetensors.torch
 import torch
 import transformers
@@ -361,6 +367,119 @@ def test_load_params_random_and_offline(tmp_path, monkeypatch):
   assert not any(p.is_file() for p in tmp_path.rglob("*"))
   with pytest.raises(ValueError, match="Unknown ViT variant"):
     models.load_params("random", "dinov3")
+
+
+class _Hub:
+  """Stands in for urllib.request.urlopen: serves {url: bytes}, 404 for other Hub URLs, or is offline."""
+
+  def __init__(self, files=None):
+    self.files, self.requested = files, []
+
+  def __call__(self, url, timeout=None):
+    self.requested.append(url)
+    if self.files is None:
+      raise urllib.error.URLError("network is unreachable")
+    if url not in self.files:
+      raise urllib.error.HTTPError(url, 404, "Not Found", {}, None)
+    response = io.BytesIO(self.files[url])
+    response.headers = {"Content-Length": str(len(self.files[url]))}
+    return response
+
+
+def _torch_bytes(state_dict) -> bytes:
+  buffer = io.BytesIO()
+  torch.save({k: torch.from_numpy(np.array(v)) for k, v in state_dict.items()}, buffer)
+  return buffer.getvalue()
+
+
+@pytest.mark.parametrize("served", [("model.safetensors", "pytorch_model.bin"), ("pytorch_model.bin",)])
+def test_hub_weights_prefer_safetensors_and_fall_back_to_bin(dinov2, tmp_path, monkeypatch, served):
+  model, hub, cfg = dinov2
+  monkeypatch.setitem(models.VARIANTS, "dinov2_vits14", cfg)  # the fixture's two-block model stands in
+  urls = models.weights_urls("dinov2_vits14", "hf")
+  assert [u.rsplit("/", 1)[1] for u in urls] == ["model.safetensors", "pytorch_model.bin"]
+  assert urls[0] == "https://huggingface.co/facebook/dinov2-small/resolve/main/model.safetensors"
+  payload = {"model.safetensors": safetensors.torch.save({k: v.contiguous() for k, v in model.state_dict().items()}),
+             "pytorch_model.bin": _torch_bytes(hub)}
+  server = _Hub({url: payload[url.rsplit("/", 1)[1]] for url in urls if url.rsplit("/", 1)[1] in served})
+  monkeypatch.setattr("urllib.request.urlopen", server)
+  previous = os.umask(0o022)
+  try:
+    params = models.load_pretrained("dinov2_vits14", "hf", cache_dir=tmp_path)
+  finally:
+    os.umask(previous)
+  assert server.requested == list(urls[:3 - len(served)])  # the .bin is asked for only when there is no safetensors
+  jax.tree.map(np.testing.assert_array_equal, params, models.hf_to_params(hub, cfg))
+  files = sorted(p for p in tmp_path.rglob("*") if p.is_file())
+  assert sorted(p.name for p in files) == sorted([served[0], "dinov2_vits14-hf.safetensors"])
+  assert all(stat.S_IMODE(p.stat().st_mode) == 0o644 for p in files), [oct(p.stat().st_mode) for p in files]
+
+
+def test_offline_hub_message_names_both_urls_and_the_smoke_run(tmp_path, monkeypatch):
+  monkeypatch.setattr("urllib.request.urlopen", _Hub(None))
+  with pytest.raises(models.WeightsUnavailableError) as info:
+    models.load_params("hf", "dino_vits8", cache_dir=tmp_path)
+  message = str(info.value)
+  assert "\n" not in message
+  for name in ("model.safetensors", "pytorch_model.bin"):
+    assert f"https://huggingface.co/facebook/dino-vits8/resolve/main/{name}" in message
+    assert str(tmp_path / "downloads" / "hf" / "dino_vits8" / name) in message
+  assert "--config.model.weights=random" in message
+  assert not any(p.is_file() for p in tmp_path.rglob("*"))
+
+
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o077, 0o600)])
+def test_converted_params_get_the_umask_mode(dinov2, tmp_path, umask, mode):
+  _, hub, cfg = dinov2
+  previous = os.umask(umask)
+  try:
+    models.save_params(tmp_path / "p.safetensors", models.hf_to_params(hub, cfg), cfg)
+  finally:
+    os.umask(previous)
+  assert stat.S_IMODE((tmp_path / "p.safetensors").stat().st_mode) == mode
+
+
+def _damaged_files(tmp_path, hub):
+  """{case: (path, expected message fragment)} of empty, truncated and foreign checkpoint files."""
+  whole = safetensors.numpy.save({k: np.ascontiguousarray(v) for k, v in list(hub.items())[:4]})
+  pth = _torch_bytes(dict(list(hub.items())[:4]))
+  contents = {
+      "empty.safetensors": (b"", "too short"),
+      "truncated.safetensors": (whole[:len(whole) // 2], "truncated"),
+      "cut_header.safetensors": (whole[:40], "truncated"),
+      "foreign.safetensors": (b"\x89PNG\r\n\x1a\n" + bytes(100), "not a whole safetensors file"),
+      "json_text.safetensors": (struct.pack("<Q", 5) + b"hello", "not JSON"),
+      "empty.pth": (b"", "empty file"),
+      "truncated.pth": (pth[:len(pth) // 2], "truncated or damaged zip"),
+      "legacy.pth": (pickle.dumps({"weight": [1.0]}), "legacy or plain pickle"),
+      "foreign.pth": (b"hello, this is text\n", "not a PyTorch checkpoint"),
+  }
+  zip_path = tmp_path / "foreign_zip.pth"
+  with zipfile.ZipFile(zip_path, "w") as archive:
+    archive.writestr("readme.txt", "no pickle here")
+  short_path = tmp_path / "short_storage.pth"  # a whole archive whose first tensor's storage lost its second half
+  with zipfile.ZipFile(io.BytesIO(pth)) as source, zipfile.ZipFile(short_path, "w") as archive:
+    for member in source.namelist():
+      data = source.read(member)
+      archive.writestr(member, data[:len(data) // 2] if member.endswith("/data/0") else data)
+  cases = {"foreign_zip.pth": (zip_path, "data.pkl"), "short_storage.pth": (short_path, "past the end")}
+  for name, (data, fragment) in contents.items():
+    (tmp_path / name).write_bytes(data)
+    cases[name] = (tmp_path / name, fragment)
+  return cases
+
+
+def test_checkpoint_readers_name_the_file_they_fail_on(dinov2, tmp_path):
+  _, hub, cfg = dinov2
+  for name, (path, fragment) in _damaged_files(tmp_path, hub).items():
+    with pytest.raises(ValueError) as info:
+      models.convert_file(path, cfg)
+    message = str(info.value)
+    assert message.startswith(f"{path}: ") and "\n" not in message and fragment in message, (name, message)
+  bad = {**hub, "encoder.layer.0.norm1.weight": np.zeros(3, np.float32)}
+  safetensors.numpy.save_file({k: np.ascontiguousarray(v) for k, v in bad.items()}, tmp_path / "bad.safetensors")
+  with pytest.raises(models.CheckpointError, match=rf"^{re.escape(str(tmp_path / 'bad.safetensors'))}: .*norm1"):
+    models.convert_file(tmp_path / "bad.safetensors", cfg)
 
 
 def test_convert_weights_binary(dinov2, tmp_path):
