@@ -12,6 +12,7 @@ import sys
 import urllib.error
 import zipfile
 
+import flax.linen
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -288,6 +289,34 @@ def test_init_params_has_the_converted_layout(dinov2):
     out = jax.eval_shape(lambda p, cfg=cfg: models.encode(p, jnp.zeros((1, 4 * cfg.patch_size, 2 * cfg.patch_size, 3)),
                                                           cfg), params)
     assert out.patch_tokens.shape == (1, 4, 2, cfg.dim) and out.registers.shape == (1, cfg.num_registers, cfg.dim)
+
+
+def test_flax_module_equals_encode_on_the_same_tree():
+  cfg = dataclasses.replace(models.VARIANTS["dinov2_vits14_reg"], dim=64, depth=2, num_heads=4)
+  images = jnp.asarray(np.random.randn(2, 112, 140, 3).astype(np.float32))
+  mask = jnp.asarray(np.random.rand(2, 8, 10) > 0.4)
+  variables = jax.jit(models.ViT(cfg).init)(jax.random.PRNGKey(1), images)
+  params = variables["params"]
+  assert list(variables) == ["params"]
+  assert jax.tree.map(np.shape, params) == jax.tree.map(np.shape, models.init_params(cfg, jax.random.PRNGKey(0)))
+  # Any tree of that layout (here init_params', as a converted checkpoint would be) is the module's params as is.
+  params = models.init_params(cfg, jax.random.PRNGKey(2))
+  for blocks, patch_mask in [((), None), ((0, -1), mask)]:
+    module = models.ViT(cfg, return_blocks=blocks)
+    out = jax.jit(module.apply)({"params": params}, images, patch_mask)
+    ref = ENCODE(params, images, cfg, return_blocks=blocks, patch_mask=patch_mask)
+    assert sorted(out.blocks) == sorted(i % cfg.depth for i in blocks)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=0, atol=1e-6), out, ref)
+
+  class Probe(flax.linen.Module):  # the backbone embedded in a larger Flax model
+    @flax.linen.compact
+    def __call__(self, x):
+      return flax.linen.Dense(3, name="head")(models.ViT(cfg, name="backbone")(x).cls)
+
+  head = jax.jit(Probe().init)(jax.random.PRNGKey(3), images)["params"]["head"]
+  logits = jax.jit(Probe().apply)({"params": {"backbone": params, "head": head}}, images)
+  expected = ENCODE(params, images, cfg).cls @ head["kernel"] + head["bias"]
+  np.testing.assert_allclose(logits, expected, rtol=1e-5, atol=1e-6)
 
 
 def test_conversion_errors_name_the_key(dinov2):
