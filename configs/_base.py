@@ -21,25 +21,32 @@ def get_base_config() -> ml_collections.ConfigDict:
   config.data.manual_dir = ""
   config.data.limit = 0  # first N images; 0 = all
 
+  # Every field of jaxseg.framework.MethodConfig (tests/test_configs.py checks both ways).
   config.method = ml_collections.ConfigDict()
-  config.method.feature = "k"  # last block's q, k, v or output tokens
-  config.method.dataset_k = 2
-  config.method.fg_prior = "border"  # border or attention
-  config.method.num_categories = 20
-  config.method.fusion = "vote"  # vote, intersection or mean
-  config.method.descriptor = "crop"  # crop, masked or pooled
-  config.method.min_region_area = 0  # 0: one region per image (the whole mask); > 0: connected components of at least this many pixels
-  config.method.num_classes = 20
-  config.method.sample_budget = 1_000_000  # patches sampled for the dataset-level k-means
+  config.method.feature = "k"  # last block's "q", "k", "v" or output "tokens"
+  config.method.dataset_k = 2  # clusters of the dataset-level k-means, >= 2
+  config.method.fg_prior = "border"  # "border" or "attention": which dataset clusters are foreground
+  config.method.num_categories = 20  # image groups of the category level, >= 1 and <= images
+  config.method.fusion = "vote"  # "vote" (2 of 3 levels), "intersection" (all 3) or "mean" (mean score)
+  config.method.score_temperature = 0.1  # > 0: soft score sigmoid(margin / T); the CRF unary's sharpness
+  config.method.descriptor = "crop"  # "crop", "masked" or "pooled" region descriptors
+  config.method.min_region_area = 0  # >= 0 pixels; 0 (and min_region_fraction 0): one region per image
+  config.method.min_region_fraction = 0.0  # in [0, 1) of the image area; > 0: connected components this large
+  config.method.num_classes = 20  # clusters of region descriptors, 1..254
+  config.method.sample_budget = 1_000_000  # >= num_categories: patches sampled for the dataset-level k-means
+  config.method.kmeans_n_init = 10  # >= 1 k-means++ restarts of every k-means
+  config.method.kmeans_max_iter = 100  # >= 1 Lloyd iterations
+  config.method.kmeans_tol = 1e-4  # >= 0 relative tolerance (scikit-learn's)
 
+  # Every field of jaxseg.framework.CRFConfig.
   config.crf = ml_collections.ConfigDict()
-  config.crf.iterations = 10
-  config.crf.gaussian_sxy = 1.0
-  config.crf.gaussian_weight = 3.0
-  config.crf.bilateral_sxy = 67.0
-  config.crf.bilateral_srgb = 3.0
-  config.crf.bilateral_weight = 4.0
-  config.crf.max_side = 1024  # larger images are refined at a copy scaled to this side (bounded memory)
+  config.crf.iterations = 10  # >= 0 mean-field iterations; 0 = no CRF (upsampled probability > 0.5)
+  config.crf.gaussian_sxy = 1.0  # > 0 pixels
+  config.crf.gaussian_weight = 3.0  # >= 0
+  config.crf.bilateral_sxy = 67.0  # > 0 pixels
+  config.crf.bilateral_srgb = 3.0  # > 0 colour levels
+  config.crf.bilateral_weight = 4.0  # >= 0
+  config.crf.max_side = 1024  # >= 0 pixels; larger images are refined at a copy scaled to this side; 0 = never
 
   config.gallery_size = 48  # images shown in gallery.html, worst first
 

@@ -99,6 +99,109 @@ def test_padded_batches_give_the_same_result(data, result):
   assert np.mean(np.asarray(whole.fg_mask) == np.asarray(result.fg_mask)) > 0.99
 
 
+LEVEL_CATEGORIES = 4
+LEVEL_CFG = dataclasses.replace(CFG, num_categories=LEVEL_CATEGORIES, num_classes=LEVEL_CATEGORIES,
+                                sample_budget=4000)
+
+
+def planted_wrong_parent(wrong_level, seed=0, noise=0.5):
+  """A split on which one level is wrong on some images and the level below it must correct it.
+
+  fg and bg means sit near two orthogonal directions F and B; each category's CLS tokens
+  cluster apart, so the category level recovers the categories. Objects stay off the border.
+    wrong_level="dataset": the last category's background lies 40 degrees from F, 50 from B:
+      the dataset level calls it foreground, but inside that category it is the cluster
+      farther from the dataset's fg prototype, so the category 2-means turns it back to bg.
+    wrong_level="category": category 0's usual background lies along B + 2E (E orthogonal to
+      F and B); two of its images have a background along 0.2F + 0.7B - 0.6E, on the fg side
+      of that category's 2-means (so the category level is wrong there) but on the bg side of
+      the dataset's (the dataset level is right); each of those images' own 2-means splits
+      object from background.
+
+  Returns:
+    (PatchFeatures, fg [N, h, w] bool, affected [N] bool: the images where wrong_level is wrong).
+  """
+  rng = np.random.default_rng(seed)
+  per_category = 6 if wrong_level == "dataset" else 8
+  count = LEVEL_CATEGORIES * per_category
+  f_dir, b_dir, e_dir, *others = np.linalg.qr(rng.normal(size=(DIM, DIM)))[0].T
+  jitter = lambda n: 0.25 * _unit(rng.normal(size=(n, DIM - 3)) @ np.asarray(others))
+  fg_means = _unit(f_dir + 0.6 * jitter(LEVEL_CATEGORIES))
+  bg_means = _unit(b_dir + jitter(LEVEL_CATEGORIES))
+  category = np.arange(count) % LEVEL_CATEGORIES
+  image_bg = bg_means[category]
+  if wrong_level == "dataset":
+    angle = np.deg2rad(40)
+    image_bg[category == LEVEL_CATEGORIES - 1] = _unit(np.cos(angle) * f_dir + np.sin(angle) * b_dir)
+    affected = category == LEVEL_CATEGORIES - 1
+  else:
+    image_bg[category == 0] = _unit(b_dir + 2 * e_dir)
+    affected = np.zeros(count, bool)
+    affected[np.flatnonzero(category == 0)[:2]] = True
+    image_bg[affected] = _unit(0.2 * f_dir + 0.7 * b_dir - 0.6 * e_dir)
+  fg = np.zeros((count, GRID, GRID), bool)
+  for i in range(count):
+    (top, left), (height, width) = rng.integers(2, 4, 2), rng.integers(5, 7, 2)
+    fg[i, top:top + height, left:left + width] = True
+  means = np.where(fg[..., None], fg_means[category][:, None, None], image_bg[:, None, None])
+  patches = _unit(means + noise * rng.normal(size=means.shape) / np.sqrt(DIM))
+  cls = _unit(_unit(rng.normal(size=(LEVEL_CATEGORIES, DIM)))[category] + 0.1 * rng.normal(size=(count, DIM)))
+  attention = np.where(fg, 0.02, 0.005) + 0.003 * rng.random(fg.shape)
+  features = framework.PatchFeatures(patches.astype(np.float32), cls.astype(np.float32),
+                                     attention.astype(np.float32), np.ones(fg.shape, bool))
+  return features, fg, affected
+
+
+def _disable(monkeypatch, level):
+  """Replaces a level by its parent in segment_features: its prototypes become the parent's."""
+  from jaxseg.framework import levels
+  if level == "category":
+    monkeypatch.setattr(levels, "fit_category_prototypes", lambda samples, dataset, cfg: jax.numpy.broadcast_to(
+        dataset.prototypes, (samples.points.shape[0], *dataset.prototypes.shape)))
+  else:
+    monkeypatch.setattr(levels, "image_prototypes", lambda features, parents, cfg: parents)
+    traced = levels.level_margins.__wrapped__
+
+    def level_margins(features, dataset, category_centroids, category_prototypes, cfg):
+      return traced(features, dataset, category_centroids, category_prototypes, cfg)
+
+    # level_margins is jitted and its trace cached: a new function is traced with the patched image_prototypes.
+    monkeypatch.setattr(levels, "level_margins", jax.jit(level_margins, static_argnames=("cfg",)))
+
+
+def _affected_ious(result, fg, affected):
+  """IoU on the affected images of the dataset, category, image levels and the fused mask."""
+  masks = [*np.asarray(result.level_masks), np.asarray(result.fg_mask)]
+  return [iou(mask[affected], fg[affected]) for mask in masks]
+
+
+@pytest.mark.parametrize("wrong_level", ["dataset", "category"])
+def test_the_level_below_corrects_a_wrong_parent(wrong_level):
+  """The planted mistake of wrong_level is undone by the level below it, and so by the vote.
+
+  With that level replaced by its parent (fit_category_prototypes returning the dataset
+  prototypes, or image_prototypes returning the category prototypes) it repeats the mistake
+  and this test fails; test_a_disabled_level_scores_clearly_lower runs exactly that.
+  """
+  features, fg, affected = planted_wrong_parent(wrong_level)
+  result = framework.segment_features(features, LEVEL_CFG, key=jax.random.key(0), batch_size=8)
+  ious = _affected_ious(result, fg, affected)
+  wrong = ("dataset", "category").index(wrong_level)
+  assert ious[wrong] < 0.5, ious  # the planted mistake
+  assert min(ious[:wrong] + ious[wrong + 1:]) >= 0.9, ious
+  assert iou(result.fg_mask, fg) >= 0.9
+
+
+@pytest.mark.parametrize("wrong_level, disabled", [("dataset", "category"), ("category", "image")])
+def test_a_disabled_level_scores_clearly_lower(monkeypatch, wrong_level, disabled):
+  features, fg, affected = planted_wrong_parent(wrong_level)
+  _disable(monkeypatch, disabled)
+  result = framework.segment_features(features, LEVEL_CFG, key=jax.random.key(0), batch_size=8)
+  level = {"category": 1, "image": 2}[disabled]
+  ious = _affected_ious(result, fg, affected)
+  assert ious[level] < 0.5 and ious[3] < 0.5, ious  # the fused mask follows the uncorrected mistake
+
+
 def test_vote_is_at_least_as_good_as_the_best_single_level():
   rng = np.random.default_rng(5)
   truth = np.zeros((40, GRID, GRID), bool)
@@ -199,6 +302,54 @@ def test_foreground_clusters_rules():
   assert framework.foreground_clusters(alike, "border").sum() == 1
 
 
+def test_an_empty_dataset_cluster_gives_no_zero_prototype():
+  rng = np.random.default_rng(4)
+  centroids = _unit(rng.normal(size=(2, DIM))).astype(np.float32)
+  # Every patch of the split went to cluster 0, so it is the foreground and cluster 1 is empty.
+  stats = framework.ClusterStats(count=np.array([50, 0]), border_count=np.array([20, 0]),
+                                 attention_sum=np.array([1.0, 0.0]))
+  dataset = framework.dataset_level(centroids, stats, "border")
+  np.testing.assert_array_equal(dataset.foreground, [True, False])
+  np.testing.assert_allclose(dataset.prototypes, centroids[::-1], atol=1e-6)  # bg = the empty cluster's centroid
+  patches = np.where(np.arange(GRID)[:, None] < 5, centroids[0], -centroids[0])[None, :, None, :]
+  patches = np.broadcast_to(patches, (1, GRID, GRID, DIM)).astype(np.float32)
+  features = framework.PatchFeatures(patches, centroids[:1], np.ones((1, GRID, GRID), np.float32),
+                                     np.ones((1, GRID, GRID), bool))
+  images = framework.image_prototypes(features, dataset.prototypes[None], CFG)
+  np.testing.assert_allclose(np.linalg.norm(images, axis=-1), 1.0, rtol=1e-5)
+
+
+def test_a_vanished_two_means_centroid_falls_back_to_the_parent():
+  basis = np.eye(4, dtype=np.float32)
+  parent = basis[:2]  # (bg, fg)
+  # +e2 and -e2 tie between the parents and join the bg cluster, whose mean is zero.
+  points = np.stack([basis[2], -basis[2], basis[1]])
+  split = framework.split_from_parent(points, np.ones(3, bool), parent, CFG)
+  np.testing.assert_allclose(split, parent, atol=1e-6)
+
+
+def _alike_split(kind):
+  """Features with no foreground at all: every patch the same vector, or every patch independent noise."""
+  rng = np.random.default_rng(6)
+  if kind == "identical":
+    patches = np.broadcast_to(_unit(rng.normal(size=DIM)), (NUM_IMAGES, GRID, GRID, DIM))
+    cls = np.broadcast_to(_unit(rng.normal(size=DIM)), (NUM_IMAGES, DIM))
+  else:
+    patches, cls = _unit(rng.normal(size=(NUM_IMAGES, GRID, GRID, DIM))), _unit(rng.normal(size=(NUM_IMAGES, DIM)))
+  return framework.PatchFeatures(patches.astype(np.float32), cls.astype(np.float32),
+                                 np.full((NUM_IMAGES, GRID, GRID), 0.01, np.float32),
+                                 np.ones((NUM_IMAGES, GRID, GRID), bool))
+
+
+@pytest.mark.parametrize("kind", ["identical", "noise"])
+def test_a_split_where_every_cluster_looks_alike_gives_unit_prototypes(kind):
+  result = framework.segment_features(_alike_split(kind), CFG, key=jax.random.key(0), batch_size=6)
+  for name in ("dataset", "category_prototypes", "image_prototypes"):
+    prototypes = result.dataset.prototypes if name == "dataset" else getattr(result, name)
+    np.testing.assert_allclose(np.linalg.norm(prototypes, axis=-1), 1.0, rtol=1e-5, err_msg=name)
+  assert np.isfinite(result.level_scores).all() and np.isfinite(result.fg_prob).all()
+
+
 def test_patch_features_selects_and_normalises():
   rng = np.random.default_rng(0)
   out = dataclasses.make_dataclass("Out", ["cls", "patch_tokens", "q", "k", "v", "cls_attention"])(
@@ -232,6 +383,21 @@ def test_regions_boxes_and_label_map():
   labels = framework.label_map(region_map, np.array([4, 0]))
   np.testing.assert_array_equal(labels, np.where(region_map == 1, 5, np.where(region_map == 2, 1, 0)))
   assert labels.dtype == np.uint8
+
+
+def test_regions_by_fraction_of_the_image_area():
+  mask = np.zeros((10, 10), bool)
+  mask[0:2, 0:3] = True  # 6 pixels = 6% of the image
+  mask[4:9, 3:9] = True  # 30 pixels = 30%
+  region_map, count = framework.regions(mask, min_region_fraction=0.1)
+  assert count == 1 and np.array_equal(region_map, np.where(mask & (np.arange(10)[:, None] >= 4), 1, 0))
+  assert framework.regions(mask, min_region_fraction=0.05)[1] == 2
+  assert framework.regions(mask, 7, 0.05)[1] == 1  # the larger of the two thresholds
+  # A fraction means the same at 3x the resolution; a pixel count does not.
+  large = np.kron(mask, np.ones((3, 3), bool))
+  large_map, large_count = framework.regions(large, min_region_fraction=0.1)
+  assert large_count == 1 and np.array_equal(large_map, np.kron(region_map, np.ones((3, 3), np.int32)))
+  assert framework.regions(large, min_region_area=10)[1] == 2
 
 
 def _pixels_of_patch(index, size, cells):
@@ -274,5 +440,7 @@ def test_config_from_mappings_and_validation():
     framework.MethodConfig.from_mappings(dict(featur="q"))
   with pytest.raises(ValueError, match="fusion"):
     framework.MethodConfig(fusion="union")
+  with pytest.raises(ValueError, match="min_region_fraction"):
+    framework.MethodConfig(min_region_fraction=1.0)
   with pytest.raises(ValueError, match="num_categories"):
     framework.fit_categories(np.ones((2, 4), np.float32), CFG, key=jax.random.key(0))

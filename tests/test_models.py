@@ -1,15 +1,23 @@
 """jaxseg.models against transformers (random-init models) and torch's interpolation."""
 
+import dataclasses
+import io
 import os
 import pickle
 import re
+import stat
+import struct
 import subprocess
 import sys
+import urllib.error
+import zipfile
 
+import flax.linen
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import safetensors.numpy
 import safetensors.torch
 import torch
 import transformers
@@ -149,14 +157,29 @@ def test_meta_names_convert_to_same_params(dinov2):
   jax.tree.map(np.testing.assert_array_equal, models.hf_to_params(hub, cfg), models.meta_to_params(meta, cfg))
 
 
+@pytest.mark.parametrize("variant", [v for v in models.VARIANTS if v.endswith("_reg")])
+def test_register_variants_resize_as_released(variant):
+  """facebookresearch's *_reg hubconf: interpolate_antialias=True, interpolate_offset=0 = size (h, w), antialiased."""
+  cfg = models.VARIANTS[variant]
+  table = np.random.randn(cfg.pos_grid ** 2, 4).astype(np.float32)
+  nchw = torch.from_numpy(table).reshape(1, cfg.pos_grid, cfg.pos_grid, 4).permute(0, 3, 1, 2)
+  for size in [(32, 32), (32, 48)]:
+    ref = torch.nn.functional.interpolate(nchw, size=size, mode="bicubic", align_corners=False, antialias=True)
+    ref = ref.permute(0, 2, 3, 1).reshape(-1, 4).numpy()
+    np.testing.assert_allclose(models.interpolate_pos_embed(jnp.asarray(table), size, cfg.pos_interp), ref,
+                               rtol=0, atol=1e-5)
+
+
 def test_dinov2_with_registers_matches_transformers():
-  hc = transformers.Dinov2WithRegistersConfig(hidden_size=384, num_hidden_layers=2, num_attention_heads=6,
-                                              image_size=518, patch_size=14, num_register_tokens=4,
-                                              attn_implementation="eager")
+  """The dinov2_vits14_reg variant's own config (two blocks) against Dinov2WithRegistersModel."""
+  cfg = dataclasses.replace(models.VARIANTS["dinov2_vits14_reg"], depth=2)
+  hc = transformers.Dinov2WithRegistersConfig(hidden_size=cfg.dim, num_hidden_layers=cfg.depth,
+                                              num_attention_heads=cfg.num_heads, image_size=518, patch_size=14,
+                                              num_register_tokens=4, attn_implementation="eager")
   model = _randomize(transformers.Dinov2WithRegistersModel(hc))
-  cfg = _dinov2_cfg(hc, num_registers=4, pos_interp="hf_antialias")
+  assert cfg == _dinov2_cfg(hc, num_registers=4, pos_interp=cfg.pos_interp)
   params = models.hf_to_params(_hub_names(model.state_dict()), cfg)
-  for size in [(518, 518), (448, 672)]:
+  for size in [(448, 448), (448, 672)]:
     images = np.random.randn(1, *size, 3).astype(np.float32)
     ref, captured = _reference(model, images, model.encoder.layer[-1].attention)
     _compare(ENCODE(params, images, cfg), ref, captured, 5, (size[0] // 14, size[1] // 14))
@@ -268,6 +291,34 @@ def test_init_params_has_the_converted_layout(dinov2):
     assert out.patch_tokens.shape == (1, 4, 2, cfg.dim) and out.registers.shape == (1, cfg.num_registers, cfg.dim)
 
 
+def test_flax_module_equals_encode_on_the_same_tree():
+  cfg = dataclasses.replace(models.VARIANTS["dinov2_vits14_reg"], dim=64, depth=2, num_heads=4)
+  images = jnp.asarray(np.random.randn(2, 112, 140, 3).astype(np.float32))
+  mask = jnp.asarray(np.random.rand(2, 8, 10) > 0.4)
+  variables = jax.jit(models.ViT(cfg).init)(jax.random.PRNGKey(1), images)
+  params = variables["params"]
+  assert list(variables) == ["params"]
+  assert jax.tree.map(np.shape, params) == jax.tree.map(np.shape, models.init_params(cfg, jax.random.PRNGKey(0)))
+  # Any tree of that layout (here init_params', as a converted checkpoint would be) is the module's params as is.
+  params = models.init_params(cfg, jax.random.PRNGKey(2))
+  for blocks, patch_mask in [((), None), ((0, -1), mask)]:
+    module = models.ViT(cfg, return_blocks=blocks)
+    out = jax.jit(module.apply)({"params": params}, images, patch_mask)
+    ref = ENCODE(params, images, cfg, return_blocks=blocks, patch_mask=patch_mask)
+    assert sorted(out.blocks) == sorted(i % cfg.depth for i in blocks)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=0, atol=1e-6), out, ref)
+
+  class Probe(flax.linen.Module):  # the backbone embedded in a larger Flax model
+    @flax.linen.compact
+    def __call__(self, x):
+      return flax.linen.Dense(3, name="head")(models.ViT(cfg, name="backbone")(x).cls)
+
+  head = jax.jit(Probe().init)(jax.random.PRNGKey(3), images)["params"]["head"]
+  logits = jax.jit(Probe().apply)({"params": {"backbone": params, "head": head}}, images)
+  expected = ENCODE(params, images, cfg).cls @ head["kernel"] + head["bias"]
+  np.testing.assert_allclose(logits, expected, rtol=1e-5, atol=1e-6)
+
+
 def test_conversion_errors_name_the_key(dinov2):
   _, hub, cfg = dinov2
   with pytest.raises(models.CheckpointError, match=r"encoder\.layer\.7\.norm1\.weight"):
@@ -345,6 +396,119 @@ def test_load_params_random_and_offline(tmp_path, monkeypatch):
   assert not any(p.is_file() for p in tmp_path.rglob("*"))
   with pytest.raises(ValueError, match="Unknown ViT variant"):
     models.load_params("random", "dinov3")
+
+
+class _Hub:
+  """Stands in for urllib.request.urlopen: serves {url: bytes}, 404 for other Hub URLs, or is offline."""
+
+  def __init__(self, files=None):
+    self.files, self.requested = files, []
+
+  def __call__(self, url, timeout=None):
+    self.requested.append(url)
+    if self.files is None:
+      raise urllib.error.URLError("network is unreachable")
+    if url not in self.files:
+      raise urllib.error.HTTPError(url, 404, "Not Found", {}, None)
+    response = io.BytesIO(self.files[url])
+    response.headers = {"Content-Length": str(len(self.files[url]))}
+    return response
+
+
+def _torch_bytes(state_dict) -> bytes:
+  buffer = io.BytesIO()
+  torch.save({k: torch.from_numpy(np.array(v)) for k, v in state_dict.items()}, buffer)
+  return buffer.getvalue()
+
+
+@pytest.mark.parametrize("served", [("model.safetensors", "pytorch_model.bin"), ("pytorch_model.bin",)])
+def test_hub_weights_prefer_safetensors_and_fall_back_to_bin(dinov2, tmp_path, monkeypatch, served):
+  model, hub, cfg = dinov2
+  monkeypatch.setitem(models.VARIANTS, "dinov2_vits14", cfg)  # the fixture's two-block model stands in
+  urls = models.weights_urls("dinov2_vits14", "hf")
+  assert [u.rsplit("/", 1)[1] for u in urls] == ["model.safetensors", "pytorch_model.bin"]
+  assert urls[0] == "https://huggingface.co/facebook/dinov2-small/resolve/main/model.safetensors"
+  payload = {"model.safetensors": safetensors.torch.save({k: v.contiguous() for k, v in model.state_dict().items()}),
+             "pytorch_model.bin": _torch_bytes(hub)}
+  server = _Hub({url: payload[url.rsplit("/", 1)[1]] for url in urls if url.rsplit("/", 1)[1] in served})
+  monkeypatch.setattr("urllib.request.urlopen", server)
+  previous = os.umask(0o022)
+  try:
+    params = models.load_pretrained("dinov2_vits14", "hf", cache_dir=tmp_path)
+  finally:
+    os.umask(previous)
+  assert server.requested == list(urls[:3 - len(served)])  # the .bin is asked for only when there is no safetensors
+  jax.tree.map(np.testing.assert_array_equal, params, models.hf_to_params(hub, cfg))
+  files = sorted(p for p in tmp_path.rglob("*") if p.is_file())
+  assert sorted(p.name for p in files) == sorted([served[0], "dinov2_vits14-hf.safetensors"])
+  assert all(stat.S_IMODE(p.stat().st_mode) == 0o644 for p in files), [oct(p.stat().st_mode) for p in files]
+
+
+def test_offline_hub_message_names_both_urls_and_the_smoke_run(tmp_path, monkeypatch):
+  monkeypatch.setattr("urllib.request.urlopen", _Hub(None))
+  with pytest.raises(models.WeightsUnavailableError) as info:
+    models.load_params("hf", "dino_vits8", cache_dir=tmp_path)
+  message = str(info.value)
+  assert "\n" not in message
+  for name in ("model.safetensors", "pytorch_model.bin"):
+    assert f"https://huggingface.co/facebook/dino-vits8/resolve/main/{name}" in message
+    assert str(tmp_path / "downloads" / "hf" / "dino_vits8" / name) in message
+  assert "--config.model.weights=random" in message
+  assert not any(p.is_file() for p in tmp_path.rglob("*"))
+
+
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o077, 0o600)])
+def test_converted_params_get_the_umask_mode(dinov2, tmp_path, umask, mode):
+  _, hub, cfg = dinov2
+  previous = os.umask(umask)
+  try:
+    models.save_params(tmp_path / "p.safetensors", models.hf_to_params(hub, cfg), cfg)
+  finally:
+    os.umask(previous)
+  assert stat.S_IMODE((tmp_path / "p.safetensors").stat().st_mode) == mode
+
+
+def _damaged_files(tmp_path, hub):
+  """{case: (path, expected message fragment)} of empty, truncated and foreign checkpoint files."""
+  whole = safetensors.numpy.save({k: np.ascontiguousarray(v) for k, v in list(hub.items())[:4]})
+  pth = _torch_bytes(dict(list(hub.items())[:4]))
+  contents = {
+      "empty.safetensors": (b"", "too short"),
+      "truncated.safetensors": (whole[:len(whole) // 2], "truncated"),
+      "cut_header.safetensors": (whole[:40], "truncated"),
+      "foreign.safetensors": (b"\x89PNG\r\n\x1a\n" + bytes(100), "not a whole safetensors file"),
+      "json_text.safetensors": (struct.pack("<Q", 5) + b"hello", "not JSON"),
+      "empty.pth": (b"", "empty file"),
+      "truncated.pth": (pth[:len(pth) // 2], "truncated or damaged zip"),
+      "legacy.pth": (pickle.dumps({"weight": [1.0]}), "legacy or plain pickle"),
+      "foreign.pth": (b"hello, this is text\n", "not a PyTorch checkpoint"),
+  }
+  zip_path = tmp_path / "foreign_zip.pth"
+  with zipfile.ZipFile(zip_path, "w") as archive:
+    archive.writestr("readme.txt", "no pickle here")
+  short_path = tmp_path / "short_storage.pth"  # a whole archive whose first tensor's storage lost its second half
+  with zipfile.ZipFile(io.BytesIO(pth)) as source, zipfile.ZipFile(short_path, "w") as archive:
+    for member in source.namelist():
+      data = source.read(member)
+      archive.writestr(member, data[:len(data) // 2] if member.endswith("/data/0") else data)
+  cases = {"foreign_zip.pth": (zip_path, "data.pkl"), "short_storage.pth": (short_path, "past the end")}
+  for name, (data, fragment) in contents.items():
+    (tmp_path / name).write_bytes(data)
+    cases[name] = (tmp_path / name, fragment)
+  return cases
+
+
+def test_checkpoint_readers_name_the_file_they_fail_on(dinov2, tmp_path):
+  _, hub, cfg = dinov2
+  for name, (path, fragment) in _damaged_files(tmp_path, hub).items():
+    with pytest.raises(ValueError) as info:
+      models.convert_file(path, cfg)
+    message = str(info.value)
+    assert message.startswith(f"{path}: ") and "\n" not in message and fragment in message, (name, message)
+  bad = {**hub, "encoder.layer.0.norm1.weight": np.zeros(3, np.float32)}
+  safetensors.numpy.save_file({k: np.ascontiguousarray(v) for k, v in bad.items()}, tmp_path / "bad.safetensors")
+  with pytest.raises(models.CheckpointError, match=rf"^{re.escape(str(tmp_path / 'bad.safetensors'))}: .*norm1"):
+    models.convert_file(tmp_path / "bad.safetensors", cfg)
 
 
 def test_convert_weights_binary(dinov2, tmp_path):

@@ -52,9 +52,12 @@ class MethodConfig:
     descriptor: region descriptor for labeling: "crop" (CLS of the ViT run on
       the region's box), "masked" (CLS with attention restricted to the
       region's patches) or "pooled" (mean of the region's patch tokens).
-    min_region_area: 0 = one region per image (the whole foreground mask);
-      > 0 = 8-connected components of at least this many pixels (at the
-      image's own resolution); smaller components become background.
+    min_region_area, min_region_fraction: both 0 = one region per image (the
+      whole foreground mask, VOC's default); otherwise 8-connected components
+      of at least max(min_region_area pixels, min_region_fraction of the
+      image's area), at the image's own resolution; smaller components become
+      background. The fraction means the same at any image size (COCO's
+      configs use it).
     num_classes: clusters of region descriptors (20 for VOC, 80 for COCO).
     sample_budget: at most this many patches are sampled (reservoir) for the
       dataset-level k-means; the category level samples sample_budget //
@@ -74,6 +77,7 @@ class MethodConfig:
   score_temperature: float = 0.1
   descriptor: str = "crop"
   min_region_area: int = 0
+  min_region_fraction: float = 0.0
   num_classes: int = 20
   sample_budget: int = 1_000_000
   kmeans_n_init: int = 10
@@ -94,6 +98,10 @@ class MethodConfig:
     if self.num_classes > 254:
       raise ValueError(f"MethodConfig.num_classes={self.num_classes}: label maps are uint8 with 0 = background "
                        "and 255 = ignore, so at most 254 classes")
+    if not 0.0 <= self.min_region_fraction < 1.0:
+      raise ValueError(f"MethodConfig.min_region_fraction={self.min_region_fraction} must be in [0, 1)")
+    if self.kmeans_tol < 0:
+      raise ValueError(f"MethodConfig.kmeans_tol={self.kmeans_tol} must be >= 0")
     if self.score_temperature <= 0:
       raise ValueError(f"MethodConfig.score_temperature={self.score_temperature} must be > 0")
     if self.sample_budget < self.num_categories:

@@ -3,7 +3,7 @@
 Regions and boxes are numpy (their number depends on the data, so they are not
 jittable); descriptors and the class k-means are JAX. Streaming over a split:
 
-    region_map, n = regions(mask, cfg.min_region_area)            # per image
+    region_map, n = regions(mask, cfg.min_region_area, cfg.min_region_fraction)  # per image
     fractions = region_patch_fractions(region_map, n, (h, w))
     "pooled": pooled_descriptors(patches, fractions)
     "masked": encode(..., patch_mask=region_patch_masks(fractions)) -> CLS
@@ -27,13 +27,15 @@ from jaxseg.framework.levels import spherical_kmeans
 _EIGHT_CONNECTED = np.ones((3, 3), bool)
 
 
-def regions(mask: np.ndarray, min_region_area: int = 0) -> tuple[np.ndarray, int]:
+def regions(mask: np.ndarray, min_region_area: int = 0, min_region_fraction: float = 0.0) -> tuple[np.ndarray, int]:
   """Splits a foreground mask into labelled regions.
 
   Args:
     mask: [H, W] bool foreground.
-    min_region_area: 0 = the whole mask is one region; > 0 = 8-connected
-      components with at least this many pixels, smaller ones become background.
+    min_region_area: pixels; with min_region_fraction 0 too, the whole mask is one region.
+    min_region_fraction: share of the image's H * W pixels. When either is > 0, regions are the
+      8-connected components with at least max(min_region_area, min_region_fraction * H * W)
+      pixels; smaller ones become background.
 
   Returns:
     (region_map [H, W] int32 with 0 = background and 1..R = regions, R).
@@ -41,11 +43,11 @@ def regions(mask: np.ndarray, min_region_area: int = 0) -> tuple[np.ndarray, int
   mask = np.asarray(mask, bool)
   if mask.ndim != 2:
     raise ValueError(f"regions: mask must be [H, W], got shape {mask.shape}")
-  if min_region_area <= 0:
+  if min_region_area <= 0 and min_region_fraction <= 0:
     return mask.astype(np.int32), int(mask.any())
   components, count = scipy.ndimage.label(mask, structure=_EIGHT_CONNECTED)
   areas = np.bincount(components.reshape(-1), minlength=count + 1)
-  keep = areas >= min_region_area
+  keep = areas >= max(min_region_area, min_region_fraction * mask.size)
   keep[0] = False
   new_id = np.where(keep, np.cumsum(keep), 0).astype(np.int32)
   return new_id[components], int(keep.sum())

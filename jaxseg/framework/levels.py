@@ -63,7 +63,10 @@ class DatasetLevel(NamedTuple):
     centroids: [k, D] unit centroids of the dataset-level k-means.
     foreground: [k] bool, which clusters are foreground.
     prototypes: [2, D] unit (background, foreground) centroids: count-weighted
-      means of the background / foreground clusters, renormalised.
+      means of the background / foreground clusters, renormalised. A side whose
+      clusters are all empty (a degenerate k-means: every patch of the split
+      went to the other side) takes the plain mean of its clusters' centroids,
+      so no prototype is zero and the 2-means below start from real directions.
   """
   centroids: jax.Array
   foreground: jax.Array
@@ -130,11 +133,16 @@ def spherical_kmeans(x: jax.Array, k: int, cfg: MethodConfig, *, key: jax.Array,
 def split_from_parent(x: jax.Array, mask: jax.Array, parent: jax.Array, cfg: MethodConfig) -> jax.Array:
   """[2, D] (bg, fg) of a 2-means of x: [N, D] (mask: [N] bool) started from parent: [2, D] (bg, fg).
 
-  fg = the centroid nearest the parent fg; with no valid point, the parent.
+  fg = the centroid nearest the parent fg. Degenerate splits fall back to the parent: with no
+  valid point both prototypes are the parent's; a cluster that stays empty (every point on
+  the other centroid) keeps the parent's centroid it started from; a centroid that vanishes
+  (unit points summing to zero) is replaced by the parent's prototype of the same role.
   """
   result = kmeans(x, 2, key=jax.random.key(0), mask=mask, max_iter=cfg.kmeans_max_iter, tol=cfg.kmeans_tol,
                   metric=METRIC, init=parent)  # the key is unused when init is given
-  return orient(result.centroids, parent[1])
+  oriented = orient(result.centroids, parent[1])
+  vanished = jnp.linalg.norm(oriented, axis=-1, keepdims=True) < 0.5  # unit rows or zero
+  return jnp.where(vanished, parent, oriented)
 
 
 # ---- stage 1: dataset level ----------------------------------------------------------------------
@@ -215,8 +223,12 @@ def foreground_clusters(stats: ClusterStats, fg_prior: str) -> np.ndarray:
   return foreground
 
 
-def _weighted_prototype(centroids: jax.Array, weights: jax.Array) -> jax.Array:
-  """[D] unit count-weighted mean of centroids [k, D]."""
+def _side_prototype(centroids: jax.Array, count: np.ndarray, side: np.ndarray) -> jax.Array:
+  """[D] unit count-weighted mean of the side's centroids [k, D] (side: [k] bool, count: [k]).
+
+  All of the side's clusters empty: their plain mean (DatasetLevel.prototypes).
+  """
+  weights = count * side if np.sum(count * side) > 0 else side.astype(np.float64)
   return unit_length(jnp.asarray(weights, jnp.float32) @ centroids)
 
 
@@ -225,8 +237,8 @@ def dataset_level(centroids: jax.Array, stats: ClusterStats, fg_prior: str) -> D
   centroids = unit_length(centroids)
   foreground = foreground_clusters(stats, fg_prior)
   count = np.asarray(stats.count, np.float64)
-  prototypes = jnp.stack([_weighted_prototype(centroids, count * ~foreground),
-                          _weighted_prototype(centroids, count * foreground)])
+  prototypes = jnp.stack([_side_prototype(centroids, count, ~foreground),
+                          _side_prototype(centroids, count, foreground)])
   return DatasetLevel(centroids, jnp.asarray(foreground), prototypes)
 
 

@@ -10,12 +10,15 @@ metadata, written atomically.
 import collections
 import dataclasses
 import json
+import math
 import os
 import pathlib
 import pickle
+import secrets
+import stat
 import struct
-import tempfile
 import zipfile
+import zlib
 from typing import Any
 
 import jax
@@ -39,18 +42,41 @@ PARAMS_FORMAT = "jaxseg-vit-params"
 
 
 def read_safetensors(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], dict[str, str]]:
-  """Returns ({name: array}, metadata) of a .safetensors file; bfloat16 arrays use ml_dtypes."""
+  """Returns ({name: array}, metadata) of a .safetensors file; bfloat16 arrays use ml_dtypes.
+
+  Raises:
+    ValueError: "<path>: <what is wrong>" for an empty, truncated or foreign file.
+  """
+  path = str(path)
+  size = os.path.getsize(path)
+  if size < 8:
+    raise ValueError(f"{path}: {size} bytes, too short for a safetensors file (empty or truncated download?)")
   with open(path, "rb") as f:
     (header_len,) = struct.unpack("<Q", f.read(8))
-    header = json.loads(f.read(header_len))
+    if header_len > size - 8:
+      raise ValueError(f"{path}: not a whole safetensors file (its header claims {header_len} bytes, the file has "
+                       f"{size}): truncated, or not safetensors")
+    try:
+      header = json.loads(f.read(header_len))
+    except ValueError as e:  # UnicodeDecodeError and JSONDecodeError
+      raise ValueError(f"{path}: not a safetensors file (header is not JSON: {e})") from None
     data = f.read()
+  if not isinstance(header, dict):
+    raise ValueError(f"{path}: not a safetensors file (header is a JSON {type(header).__name__}, not an object)")
   metadata = header.pop("__metadata__", {}) or {}
   tensors = {}
   for name, info in header.items():
-    if info["dtype"] not in _SAFETENSORS_DTYPES:
-      raise ValueError(f"{path}: tensor {name!r} has unsupported dtype {info['dtype']}.")
-    start, end = info["data_offsets"]
-    tensors[name] = np.frombuffer(data[start:end], _SAFETENSORS_DTYPES[info["dtype"]]).reshape(info["shape"])
+    try:
+      dtype, shape, (start, end) = info["dtype"], tuple(int(n) for n in info["shape"]), info["data_offsets"]
+    except (KeyError, TypeError, ValueError):
+      raise ValueError(f"{path}: header entry {name!r} is not a tensor description") from None
+    if dtype not in _SAFETENSORS_DTYPES:
+      raise ValueError(f"{path}: tensor {name!r} has unsupported dtype {dtype}.")
+    needed = math.prod(shape) * np.dtype(_SAFETENSORS_DTYPES[dtype]).itemsize
+    if not 0 <= start <= end <= len(data) or end - start != needed:
+      raise ValueError(f"{path}: tensor {name!r} {dtype}{list(shape)} needs {needed} bytes at [{start}, {end}) of a "
+                       f"{len(data)}-byte data section: truncated or damaged file")
+    tensors[name] = np.frombuffer(data[start:end], _SAFETENSORS_DTYPES[dtype]).reshape(shape)
   return tensors, metadata
 
 
@@ -59,7 +85,20 @@ class _StorageType:
   dtype: Any
 
 
+class _DamagedArchive(Exception):
+  """A torch.save archive whose parts do not fit together; read_torch names the file."""
+
+
+class RefusedPickleError(pickle.UnpicklingError, ValueError):
+  """A checkpoint's pickle asks for a global other than tensors and dicts (maybe code to run)."""
+
+
 def _rebuild_tensor(storage, offset, size, stride, *unused):
+  # Bounds first: as_strided would read past a short storage.
+  extent = offset + sum((n - 1) * s for n, s in zip(size, stride)) + 1 if all(size) else offset
+  if offset < 0 or extent > storage.shape[0]:
+    raise _DamagedArchive(f"a tensor of shape {tuple(size)} lies past the end of its {storage.shape[0]}-element "
+                          "storage")
   itemsize = storage.dtype.itemsize
   view = np.lib.stride_tricks.as_strided(storage[offset:], shape=tuple(size),
                                          strides=tuple(s * itemsize for s in stride))
@@ -87,13 +126,13 @@ class _TensorUnpickler(pickle.Unpickler):
       return _rebuild_parameter
     if module == "torch" and name in _TORCH_STORAGES:
       return _StorageType(_TORCH_STORAGES[name])
-    raise pickle.UnpicklingError(
+    raise RefusedPickleError(
         f"{self._path}: refusing to load global {module}.{name}; only tensors and dicts are read from "
         "checkpoints (no pickled code is run).")
 
   def persistent_load(self, pid):
     if not (isinstance(pid, tuple) and len(pid) >= 3 and pid[0] == "storage" and isinstance(pid[1], _StorageType)):
-      raise pickle.UnpicklingError(f"{self._path}: unsupported persistent id {pid!r}.")
+      raise _DamagedArchive(f"unsupported persistent id {pid!r}")
     key = str(pid[2])
     if key not in self._storages:
       raw = self._archive.read(f"{self._prefix}data/{key}")
@@ -102,21 +141,40 @@ class _TensorUnpickler(pickle.Unpickler):
 
 
 def read_torch(path: str | os.PathLike) -> dict[str, Any]:
-  """Loads a torch.save zip archive (.pth / .bin) as nested dicts of numpy arrays, running no pickled code."""
+  """Loads a torch.save zip archive (.pth / .bin) as nested dicts of numpy arrays, running no pickled code.
+
+  Raises:
+    RefusedPickleError: the pickle asks for any other global (e.g. os.system).
+    ValueError: "<path>: <what is wrong>" for an empty, truncated, legacy or foreign file.
+  """
   path = str(path)
   if not zipfile.is_zipfile(path):
-    raise ValueError(f"{path}: not a torch.save zip archive (legacy or plain pickles are refused; re-save "
-                     "it with a current torch.save, or convert it to .safetensors).")
-  with zipfile.ZipFile(path) as archive:
-    pickles = [n for n in archive.namelist() if n.endswith("data.pkl")]
-    if len(pickles) != 1:
-      raise ValueError(f"{path}: expected one data.pkl in the archive, found {pickles}.")
-    prefix = pickles[0][:-len("data.pkl")]
-    byteorder = f"{prefix}byteorder"
-    if byteorder in archive.namelist() and archive.read(byteorder).strip() != b"little":
-      raise ValueError(f"{path}: big-endian checkpoints are not supported.")
-    with archive.open(pickles[0]) as f:
-      return _TensorUnpickler(f, archive, prefix, path).load()
+    with open(path, "rb") as f:
+      head = f.read(4)
+    if not head:
+      raise ValueError(f"{path}: empty file (an interrupted download?)")
+    if head.startswith(b"PK\x03\x04"):
+      raise ValueError(f"{path}: truncated or damaged zip archive (no central directory): download or save it again")
+    if head[:1] == b"\x80":  # the pickle protocol opcode
+      raise ValueError(f"{path}: a legacy or plain pickle, not a torch.save zip archive (refused; re-save it with a "
+                       "current torch.save, or convert it to .safetensors)")
+    raise ValueError(f"{path}: not a PyTorch checkpoint (neither a torch.save zip archive nor a pickle)")
+  try:
+    with zipfile.ZipFile(path) as archive:
+      pickles = [n for n in archive.namelist() if n.endswith("data.pkl")]
+      if len(pickles) != 1:
+        raise _DamagedArchive(f"expected one data.pkl in the archive, found {pickles}")
+      prefix = pickles[0][:-len("data.pkl")]
+      byteorder = f"{prefix}byteorder"
+      if byteorder in archive.namelist() and archive.read(byteorder).strip() != b"little":
+        raise _DamagedArchive("big-endian checkpoints are not supported")
+      with archive.open(pickles[0]) as f:
+        return _TensorUnpickler(f, archive, prefix, path).load()
+  except RefusedPickleError:
+    raise
+  except (_DamagedArchive, zipfile.BadZipFile, KeyError, EOFError, ValueError, pickle.UnpicklingError,
+          zlib.error) as e:
+    raise ValueError(f"{path}: damaged torch.save archive ({e})") from None
 
 
 def _unwrap(obj: Any, path: str) -> dict[str, np.ndarray]:
@@ -163,15 +221,27 @@ def _unflatten(flat: dict[str, np.ndarray]) -> Params:
   return params
 
 
+def new_temp_file(path: pathlib.Path, suffix: str) -> tuple[int, str]:
+  """(fd, name) of a new file next to path, mode 0666 less the umask (mkstemp's 0600 would stick after os.replace)."""
+  while True:
+    tmp = f"{path}.{secrets.token_hex(4)}{suffix}"
+    try:
+      return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), tmp
+    except FileExistsError:
+      continue
+
+
 def save_params(path: str | os.PathLike, params: Params, cfg: ViTConfig) -> None:
-  """Writes converted parameters and their config to a .safetensors file, atomically."""
+  """Writes converted parameters and their config to a .safetensors file, atomically, with the umask's mode."""
   path = pathlib.Path(path)
   path.parent.mkdir(parents=True, exist_ok=True)
   metadata = {"format": PARAMS_FORMAT, "config": json.dumps(dataclasses.asdict(cfg))}
-  fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+  fd, tmp = new_temp_file(path, ".tmp")
+  mode = stat.S_IMODE(os.fstat(fd).st_mode)  # 0666 less the umask, read without touching the umask
   os.close(fd)
   try:
-    safetensors.numpy.save_file(_flatten(params), tmp, metadata=metadata)
+    safetensors.numpy.save_file(_flatten(params), tmp, metadata=metadata)  # recreates the file, mode 0600
+    os.chmod(tmp, mode)
     os.replace(tmp, path)
   finally:
     if os.path.exists(tmp):
@@ -182,7 +252,11 @@ def params_from_file(tensors: dict[str, np.ndarray], metadata: dict[str, str], p
   """(params, cfg) from a file written by save_params (already read with read_safetensors)."""
   if metadata.get("format") != PARAMS_FORMAT:
     raise ValueError(f"{path}: not a jaxseg converted-params file (metadata format {metadata.get('format')!r}).")
-  return _unflatten(tensors), ViTConfig(**json.loads(metadata["config"]))
+  try:
+    cfg = ViTConfig(**json.loads(metadata["config"]))
+  except (KeyError, TypeError, ValueError) as e:
+    raise ValueError(f"{path}: converted-params file with a bad config in its metadata ({e})") from None
+  return _unflatten(tensors), cfg
 
 
 def is_params_file(metadata: dict[str, str]) -> bool:

@@ -18,9 +18,16 @@ class ViTConfig:
     layerscale: whether each residual branch is scaled per channel (DINOv2).
     num_registers: register tokens between CLS and the patches (0 or 4).
     pos_grid: side M of the pretraining position-embedding grid (M * M patch entries).
-    pos_interp: how position embeddings are resized: "meta" (facebookresearch code, scale factor
-      (h + 0.1) / M), "hf" (transformers, target size) or "hf_antialias" (transformers'
-      Dinov2WithRegisters, antialiased resize). See `interpolate_pos_embed`.
+    pos_interp: how position embeddings are resized to an h x w patch grid (`interpolate_pos_embed`):
+      "meta": bicubic with scale factors ((h + 0.1) / M, (w + 0.1) / M), as facebookresearch's
+        DINO v1 (dino/vision_transformer.py) and DINOv2 without registers (dinov2 hubconf:
+        interpolate_offset=0.1, interpolate_antialias=False). The default of the DINO and plain
+        DINOv2 variants.
+      "hf_antialias": antialiased bicubic to size (h, w), as facebookresearch's DINOv2 with
+        registers (hubconf `*_reg`: interpolate_offset=0.0, interpolate_antialias=True) and
+        transformers' Dinov2WithRegistersModel. The default of every `*_reg` variant.
+      "hf": bicubic to size (h, w), no antialias: transformers' Dinov2Model and ViTModel, which
+        differ from the official DINO / DINOv2 code by the missing 0.1 offset.
     layer_norm_eps: epsilon of every LayerNorm.
     mlp_ratio: MLP hidden width over dim, before the SwiGLU rounding.
     qkv_bias: whether the q/k/v projections carry a bias.
@@ -65,9 +72,10 @@ def _dino(patch_size: int, dim: int, heads: int) -> ViTConfig:
 
 
 def _dinov2(dim: int, depth: int, heads: int, mlp: str = "mlp", registers: int = 0) -> ViTConfig:
-  # DINOv2 checkpoints carry a 37x37 grid (518 pixels / patch 14).
+  # DINOv2 checkpoints carry a 37x37 grid (518 pixels / patch 14); the register models were
+  # released with an antialiased resize to the target size (hubconf *_reg), the others with the offset.
   return ViTConfig(patch_size=14, dim=dim, depth=depth, num_heads=heads, mlp=mlp, layerscale=True,
-                   num_registers=registers, pos_grid=37)
+                   num_registers=registers, pos_grid=37, pos_interp="hf_antialias" if registers else "meta")
 
 
 VARIANTS: dict[str, ViTConfig] = {

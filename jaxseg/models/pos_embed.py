@@ -80,9 +80,10 @@ def interpolate_pos_embed(pos_embed: jax.Array, size: tuple[int, int], mode: str
   Args:
     pos_embed: [M * M, D] patch entries of the embedding (no CLS entry), row-major over the grid.
     size: (h, w) target grid in patches.
-    mode: "meta": facebookresearch DINO/DINOv2 (bicubic with scale factors ((h + 0.1) / M,
-      (w + 0.1) / M)); "hf": transformers Dinov2Model / ViTModel (bicubic to size (h, w));
-      "hf_antialias": transformers Dinov2WithRegistersModel (antialiased bicubic to (h, w)).
+    mode: "meta": facebookresearch DINO and DINOv2 without registers (bicubic with scale
+      factors ((h + 0.1) / M, (w + 0.1) / M)); "hf": transformers Dinov2Model / ViTModel
+      (bicubic to size (h, w)); "hf_antialias": facebookresearch DINOv2 with registers and
+      transformers Dinov2WithRegistersModel (antialiased bicubic to size (h, w)).
       In every mode, as in the references, an M x M target returns pos_embed unchanged.
 
   Returns:

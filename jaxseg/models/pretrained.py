@@ -9,16 +9,15 @@ import dataclasses
 import hashlib
 import os
 import pathlib
-import tempfile
 import urllib.error
 import urllib.request
 
 import jax
 import tqdm
 
-from jaxseg.models.checkpoint import is_params_file, params_from_file, read_state_dict, save_params
+from jaxseg.models.checkpoint import is_params_file, new_temp_file, params_from_file, read_state_dict, save_params
 from jaxseg.models.config import ViTConfig, get_variant
-from jaxseg.models.convert import guess_naming, hf_to_params, meta_to_params
+from jaxseg.models.convert import CheckpointError, guess_naming, hf_to_params, meta_to_params
 from jaxseg.models.vit import Params, init_params
 
 _META_DINOV2 = "https://dl.fbaipublicfiles.com/dinov2/{name}/{name}{reg}_pretrain.pth"
@@ -30,7 +29,11 @@ _DINO_META_NAMES = {"dino_vits16": "dino_deitsmall16", "dino_vits8": "dino_deits
 
 
 class WeightsUnavailableError(RuntimeError):
-  """Weights could not be downloaded; the message names the URL and where to put the file by hand."""
+  """Weights could not be downloaded; the message names the URLs and where to put a file by hand."""
+
+
+class _NotOnServer(WeightsUnavailableError):
+  """The server answered 404: the repository holds no such file (try the next candidate)."""
 
 
 def default_cache_dir() -> pathlib.Path:
@@ -38,38 +41,55 @@ def default_cache_dir() -> pathlib.Path:
   return pathlib.Path(os.environ.get("JAXSEG_CACHE", pathlib.Path.home() / ".cache" / "jaxseg"))
 
 
-def weights_url(variant: str, source: str) -> str:
-  """Official download URL of a variant's checkpoint; source "meta" (facebookresearch) or "hf" (the Hub)."""
+def weights_urls(variant: str, source: str) -> tuple[str, ...]:
+  """Download URLs of a variant's checkpoint, preferred first.
+
+  source "meta": the facebookresearch .pth. source "hf": the Hub repo's model.safetensors, then its
+  pytorch_model.bin (read through the restricted unpickler) for repos that hold only that.
+  """
   get_variant(variant)
   if source == "meta":
     if variant.startswith("dinov2_"):
       arch = variant.split("_")[1]
-      return _META_DINOV2.format(name=f"dinov2_{arch}", reg="_reg4" if variant.endswith("_reg") else "")
-    return _META_DINO.format(name=_DINO_META_NAMES[variant])
+      return (_META_DINOV2.format(name=f"dinov2_{arch}", reg="_reg4" if variant.endswith("_reg") else ""),)
+    return (_META_DINO.format(name=_DINO_META_NAMES[variant]),)
   if source == "hf":
     if variant.startswith("dinov2_"):
       family = "dinov2-with-registers" if variant.endswith("_reg") else "dinov2"
-      return _HF.format(repo=f"{family}-{_DINOV2_SIZES[variant.split('_')[1]]}", file="model.safetensors")
-    # The DINO v1 Hub repos hold pytorch_model.bin, read through the restricted unpickler.
-    return _HF.format(repo=variant.replace("_", "-"), file="pytorch_model.bin")
+      repo = f"{family}-{_DINOV2_SIZES[variant.split('_')[1]]}"
+    else:
+      repo = variant.replace("_", "-")
+    return tuple(_HF.format(repo=repo, file=name) for name in ("model.safetensors", "pytorch_model.bin"))
   raise ValueError(f"Unknown weights source {source!r}; choose 'hf' or 'meta'.")
 
 
-def _download_path(variant: str, source: str, cache_dir: pathlib.Path) -> pathlib.Path:
-  return cache_dir / "downloads" / source / variant / weights_url(variant, source).rsplit("/", 1)[1]
+def weights_url(variant: str, source: str) -> str:
+  """The preferred download URL of a variant's checkpoint (the first of weights_urls)."""
+  return weights_urls(variant, source)[0]
+
+
+def _download_paths(variant: str, source: str, cache_dir: pathlib.Path) -> list[tuple[str, pathlib.Path]]:
+  """(url, cache path) of every candidate, preferred first."""
+  return [(url, cache_dir / "downloads" / source / variant / url.rsplit("/", 1)[1])
+          for url in weights_urls(variant, source)]
 
 
 def download(url: str, path: pathlib.Path) -> pathlib.Path:
-  """Downloads url to path (temp file + rename) with a progress bar and a size / sha256 check."""
+  """Downloads url to path (temp file + rename, the umask's mode) with a progress bar and a size / sha256 check.
+
+  Raises:
+    WeightsUnavailableError: offline, the server refused, or the download is incomplete (names url).
+  """
   path.parent.mkdir(parents=True, exist_ok=True)
-  hint = f"Download {url} by hand and put it at {path}"
   try:
     response = urllib.request.urlopen(url, timeout=60)
+  except urllib.error.HTTPError as e:
+    raise (_NotOnServer if e.code == 404 else WeightsUnavailableError)(f"Could not download {url} ({e})") from e
   except (urllib.error.URLError, OSError) as e:
-    raise WeightsUnavailableError(f"Could not download {url} ({e}). {hint}.") from e
+    raise WeightsUnavailableError(f"Could not download {url} ({e})") from e
   expected_size = int(response.headers.get("Content-Length") or -1)
   expected_sha = (response.headers.get("X-Linked-ETag") or "").strip('"')  # the Hub's sha256 of LFS files
-  fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".part")
+  fd, tmp = new_temp_file(path, ".part")
   sha, size = hashlib.sha256(), 0
   try:
     with response, os.fdopen(fd, "wb") as out, tqdm.tqdm(total=max(expected_size, 0) or None, unit="B",
@@ -80,31 +100,62 @@ def download(url: str, path: pathlib.Path) -> pathlib.Path:
         size += len(chunk)
         bar.update(len(chunk))
     if expected_size >= 0 and size != expected_size:
-      raise WeightsUnavailableError(f"Download of {url} is truncated ({size} of {expected_size} bytes). {hint}.")
+      raise WeightsUnavailableError(f"Download of {url} is truncated ({size} of {expected_size} bytes)")
     if len(expected_sha) == 64 and sha.hexdigest() != expected_sha:
-      raise WeightsUnavailableError(f"Download of {url} has sha256 {sha.hexdigest()}, expected {expected_sha}. "
-                                    f"{hint}.")
+      raise WeightsUnavailableError(f"Download of {url} has sha256 {sha.hexdigest()}, expected {expected_sha}")
     os.replace(tmp, path)
   except (urllib.error.URLError, OSError) as e:
-    raise WeightsUnavailableError(f"Download of {url} failed ({e}). {hint}.") from e
+    raise WeightsUnavailableError(f"Download of {url} failed ({e})") from e
   finally:
     if os.path.exists(tmp):
       os.remove(tmp)
   return path
 
 
+def fetch_checkpoint(variant: str, source: str, cache_dir: pathlib.Path) -> pathlib.Path:
+  """The cached checkpoint file of a variant, downloading the first candidate the server has.
+
+  Raises:
+    WeightsUnavailableError: one line naming every candidate URL, where to put one by hand, and
+      the offline smoke run (--config.model.weights=random).
+  """
+  candidates = _download_paths(variant, source, cache_dir)
+  for _, path in candidates:
+    if path.exists():
+      return path
+  hint = ("Download " + " or ".join(f"{url} to {path}" for url, path in candidates) +
+          " by hand (the first present is used), or run offline with random weights (a smoke run, meaningless "
+          "masks): --config.model.weights=random")
+  missing = []
+  for url, path in candidates:
+    try:
+      return download(url, path)
+    except _NotOnServer:
+      missing.append(url)
+    except WeightsUnavailableError as e:
+      raise WeightsUnavailableError(f"{e}. {hint}.") from e
+  raise WeightsUnavailableError(f"None of {missing} is on the server. {hint}.")
+
+
 def convert_file(path: str | os.PathLike, cfg: ViTConfig, source: str = "auto") -> Params:
-  """Converts a checkpoint file (.safetensors, .pth, .bin) with transformers ("hf") or official ("meta") names."""
+  """Converts a checkpoint file (.safetensors, .pth, .bin) with transformers ("hf") or official ("meta") names.
+
+  Raises:
+    ValueError (CheckpointError for keys and shapes): "<path>: <what is wrong>".
+  """
   state_dict, metadata = read_state_dict(path)
   if is_params_file(metadata):
     params, stored = params_from_file(state_dict, metadata, str(path))
     if dataclasses.replace(stored, pos_interp=cfg.pos_interp) != cfg:
       raise ValueError(f"{path}: converted for {stored}, not {cfg}.")
     return params
-  naming = guess_naming(state_dict) if source == "auto" else source
-  if naming not in ("hf", "meta"):
+  if source not in ("hf", "meta", "auto"):
     raise ValueError(f"Unknown checkpoint naming {source!r}; choose 'hf', 'meta' or 'auto'.")
-  return (hf_to_params if naming == "hf" else meta_to_params)(state_dict, cfg)
+  try:
+    naming = guess_naming(state_dict) if source == "auto" else source
+    return (hf_to_params if naming == "hf" else meta_to_params)(state_dict, cfg)
+  except CheckpointError as e:
+    raise CheckpointError(f"{path}: {e}") from None
 
 
 def load_pretrained(variant: str, source: str = "hf", cache_dir: str | os.PathLike | None = None) -> Params:
@@ -114,11 +165,12 @@ def load_pretrained(variant: str, source: str = "hf", cache_dir: str | os.PathLi
     variant: a key of VARIANTS, e.g. "dinov2_vits14".
     source: "hf" (the Hugging Face Hub) or "meta" (dl.fbaipublicfiles.com).
     cache_dir: cache root (default $JAXSEG_CACHE or ~/.cache/jaxseg); the checkpoint goes to
-      <cache>/downloads/<source>/<variant>/<file>, the converted params to
+      <cache>/downloads/<source>/<variant>/<file> (for "hf" model.safetensors, or pytorch_model.bin
+      where the repository has no safetensors), the converted params to
       <cache>/converted/<variant>-<source>.safetensors.
 
   Raises:
-    WeightsUnavailableError: offline or the download failed; names the URL and the path to fill by hand.
+    WeightsUnavailableError: offline or the download failed; names the URLs and the paths to fill by hand.
   """
   cfg = get_variant(variant)
   cache = pathlib.Path(cache_dir) if cache_dir is not None else default_cache_dir()
@@ -126,10 +178,7 @@ def load_pretrained(variant: str, source: str = "hf", cache_dir: str | os.PathLi
   if converted.exists():
     tensors, metadata = read_state_dict(converted)
     return params_from_file(tensors, metadata, str(converted))[0]
-  checkpoint = _download_path(variant, source, cache)
-  if not checkpoint.exists():
-    download(weights_url(variant, source), checkpoint)
-  params = convert_file(checkpoint, cfg, source)
+  params = convert_file(fetch_checkpoint(variant, source, cache), cfg, source)
   save_params(converted, params, cfg)
   return params
 

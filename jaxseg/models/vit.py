@@ -11,6 +11,7 @@ import functools
 import math
 from typing import Any
 
+import flax.linen as nn
 import flax.struct
 import jax
 import jax.numpy as jnp
@@ -249,3 +250,31 @@ def init_params(cfg: ViTConfig, key: jax.Array) -> Params:
       out.append(noise[offset:offset + size].reshape(shape))
     offset += size
   return jax.tree.unflatten(treedef, out)
+
+
+class ViT(nn.Module):
+  """The backbone as a Flax linen module over the very parameter tree `encode` takes.
+
+  Linen keeps variables as plain nested dicts, so parameters from init_params, hf_to_params,
+  meta_to_params or load_params are this module's "params" collection as they are: no copy, no
+  renaming, and ViT(cfg).apply({"params": params}, images) == encode(params, images, cfg).
+  Inside a larger Flax model the same tree sits under the submodule's name, e.g.
+  {"params": {"backbone": params, "head": ...}}. `encode` stays the functional core; `init`
+  draws the tree with init_params, one key per top-level entry.
+
+  Attributes:
+    cfg: the architecture.
+    dtype: compute dtype of the matrix products (see encode).
+    return_blocks: block indices whose q/k/v/tokens to return (static, as a module field).
+  """
+  cfg: ViTConfig
+  dtype: Any = jnp.float32
+  return_blocks: tuple[int, ...] = ()
+
+  @nn.compact
+  def __call__(self, images: jax.Array, patch_mask: jax.Array | None = None) -> ViTOutput:
+    """images: [B, H, W, 3] float32 ImageNet-normalised; patch_mask: optional bool [B, h, w] (see encode)."""
+    params = {name: self.param(name, lambda key, name=name: init_params(self.cfg, key)[name])
+              for name in param_shapes(self.cfg)}
+    return encode(params, images, self.cfg, dtype=self.dtype, return_blocks=self.return_blocks,
+                  patch_mask=patch_mask)
