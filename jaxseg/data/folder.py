@@ -3,12 +3,12 @@
 import collections
 import os
 import pathlib
-import tempfile
 import warnings
 
 import numpy as np
 from PIL import Image
 
+from jaxseg import _files
 from jaxseg.data import images
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
@@ -63,7 +63,8 @@ class FolderSource(images.ImageSource):
 def skimage_photos(data_dir: str | os.PathLike) -> pathlib.Path:
   """Writes scikit-image's bundled colour photographs as PNGs into data_dir/skimage_photos.
 
-  Each file is written once, atomically (temp file + os.replace), and reused afterwards.
+  Each file is written once, atomically (temp file + os.replace) with the umask's mode, and
+  reused afterwards.
   Returns the folder.
   """
   from skimage import data as skimage_data  # imported lazily: only this source needs it
@@ -79,12 +80,5 @@ def skimage_photos(data_dir: str | os.PathLike) -> pathlib.Path:
       photo = left if name == "motorcycle_left" else right
     else:
       photo = getattr(skimage_data, name)()
-    handle, temp = tempfile.mkstemp(dir=folder, suffix=".png.tmp")
-    try:
-      with os.fdopen(handle, "wb") as out:
-        out.write(images.encode_png(np.ascontiguousarray(photo[..., :3], dtype=np.uint8)))
-      os.replace(temp, target)
-    except BaseException:
-      pathlib.Path(temp).unlink(missing_ok=True)
-      raise
+    _files.atomic_write_bytes(target, images.encode_png(np.ascontiguousarray(photo[..., :3], dtype=np.uint8)))
   return folder

@@ -14,8 +14,6 @@ import math
 import os
 import pathlib
 import pickle
-import secrets
-import stat
 import struct
 import zipfile
 import zlib
@@ -26,6 +24,7 @@ import ml_dtypes
 import numpy as np
 import safetensors.numpy
 
+from jaxseg._files import new_temp_file, umask_mode
 from jaxseg.models.config import ViTConfig
 from jaxseg.models.vit import Params
 
@@ -221,23 +220,13 @@ def _unflatten(flat: dict[str, np.ndarray]) -> Params:
   return params
 
 
-def new_temp_file(path: pathlib.Path, suffix: str) -> tuple[int, str]:
-  """(fd, name) of a new file next to path, mode 0666 less the umask (mkstemp's 0600 would stick after os.replace)."""
-  while True:
-    tmp = f"{path}.{secrets.token_hex(4)}{suffix}"
-    try:
-      return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), tmp
-    except FileExistsError:
-      continue
-
-
 def save_params(path: str | os.PathLike, params: Params, cfg: ViTConfig) -> None:
   """Writes converted parameters and their config to a .safetensors file, atomically, with the umask's mode."""
   path = pathlib.Path(path)
   path.parent.mkdir(parents=True, exist_ok=True)
   metadata = {"format": PARAMS_FORMAT, "config": json.dumps(dataclasses.asdict(cfg))}
-  fd, tmp = new_temp_file(path, ".tmp")
-  mode = stat.S_IMODE(os.fstat(fd).st_mode)  # 0666 less the umask, read without touching the umask
+  fd, tmp = new_temp_file(path)
+  mode = umask_mode(fd)
   os.close(fd)
   try:
     safetensors.numpy.save_file(_flatten(params), tmp, metadata=metadata)  # recreates the file, mode 0600

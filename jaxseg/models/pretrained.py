@@ -11,11 +11,13 @@ import os
 import pathlib
 import urllib.error
 import urllib.request
+import warnings
 
 import jax
 import tqdm
 
-from jaxseg.models.checkpoint import is_params_file, new_temp_file, params_from_file, read_state_dict, save_params
+from jaxseg._files import new_temp_file
+from jaxseg.models.checkpoint import is_params_file, params_from_file, read_state_dict, save_params
 from jaxseg.models.config import ViTConfig, get_variant
 from jaxseg.models.convert import CheckpointError, guess_naming, hf_to_params, meta_to_params
 from jaxseg.models.vit import Params, init_params
@@ -189,7 +191,7 @@ def load_params(weights: str, variant: str, *, seed: int = 0,
 
   Args:
     weights: "hf" or "meta" (official weights, see load_pretrained), "random" (init_params from
-      PRNGKey(seed): a smoke run), or a local file: .safetensors / .pth / .bin with transformers or
+      PRNGKey(seed): a smoke run; warns with a UserWarning that the masks are meaningless), or a local file: .safetensors / .pth / .bin with transformers or
       official names (told apart by their keys) or a file written by save_params.
     variant: a key of VARIANTS.
     seed: PRNG seed for "random".
@@ -200,6 +202,9 @@ def load_params(weights: str, variant: str, *, seed: int = 0,
   """
   cfg = get_variant(variant)
   if weights == "random":
+    warnings.warn(f"load_params: weights='random' gives a randomly initialised {variant}: its features, masks "
+                  "and scores are meaningless (a smoke run); use 'hf' or 'meta' for the released weights",
+                  UserWarning, stacklevel=2)
     return init_params(cfg, jax.random.PRNGKey(seed)), cfg
   if weights in ("hf", "meta"):
     return load_pretrained(variant, weights, cache_dir), cfg
