@@ -2,7 +2,10 @@
 
 import io
 import json
+import os
 import pathlib
+import re
+import stat
 import subprocess
 import sys
 import tarfile
@@ -336,6 +339,19 @@ def test_normalize_images_numpy_and_jax_agree():
   expected = (pixels / 255.0 - MEAN) / STD
   np.testing.assert_allclose(jaxseg.data.normalize_images(pixels), expected, atol=1e-6)
   np.testing.assert_allclose(np.asarray(jaxseg.data.normalize_images(jnp.asarray(pixels))), expected, atol=1e-6)
+
+
+def test_prepare_images_is_pil_bicubic_then_imagenet_normalisation():
+  rng = np.random.default_rng(0)
+  photos = [rng.integers(0, 256, shape, np.uint8) for shape in ((30, 45, 3), (16, 16, 3), (9, 70, 3))]
+  batch = jaxseg.data.prepare_images(photos, 28)
+  assert batch.shape == (3, 28, 28, 3) and batch.dtype == np.float32
+  for photo, prepared in zip(photos, batch):
+    resized = np.asarray(Image.fromarray(photo).resize((28, 28), Image.BICUBIC), np.float64)
+    np.testing.assert_allclose(prepared, (resized / 255.0 - MEAN) / STD, atol=1e-5)
+  for bad, shown in ((photos[0][..., :2], "uint8 [30, 45, 2]"), (photos[1].astype(np.float32), "float32")):
+    with pytest.raises(ValueError, match=rf"photos\[1\] must be uint8 \[H, W, 3\].*{re.escape(shown)}"):
+      jaxseg.data.prepare_images([photos[0], bad], 28)
 
 
 @pytest.mark.parametrize("count", [1, 2, 3])

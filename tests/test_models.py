@@ -383,7 +383,8 @@ def test_safetensors_and_converted_params_round_trip(dinov2, tmp_path):
 
 
 def test_load_params_random_and_offline(tmp_path, monkeypatch):
-  params, cfg = models.load_params("random", "dino_vits16", seed=1)
+  with pytest.warns(UserWarning, match=r"random.*dino_vits16.*meaningless"):
+    params, cfg = models.load_params("random", "dino_vits16", seed=1)
   assert cfg == models.VARIANTS["dino_vits16"] and params["pos_embed"].shape == (197, 384)
   def offline(*args, **kwargs):
     raise OSError("network is unreachable")

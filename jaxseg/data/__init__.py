@@ -8,6 +8,7 @@ with tfds.data_source; images are stored as their original encoded bytes and dec
                             manual_dir="~/downloads")  # holds VOCtrainval_11-May-2012.tar
   for batch in jaxseg.data.batches(source, batch_size=32, image_size=448, patch_size=14):
     ...  # batch["image"]: float32 [32, 448, 448, 3]; batch["valid"], ["index"], ["mask"], ...
+  vit_input = jaxseg.data.prepare_images(photos, 448)  # N uint8 [H, W, 3] -> float32 [N, 448, 448, 3]
 
 Bad archives stop preparation with an error naming the file (a listed image without its JPEG
 or mask, a truncated JPEG, a mask that is not a palette PNG or has values outside the classes,
@@ -20,6 +21,7 @@ from jaxseg.data.batching import IMAGENET_MEAN
 from jaxseg.data.batching import IMAGENET_STD
 from jaxseg.data.batching import batches
 from jaxseg.data.batching import normalize_images
+from jaxseg.data.batching import prepare_images
 from jaxseg.data.batching import resize_image
 from jaxseg.data.batching import shard_indices
 from jaxseg.data.coco import CocoObject
@@ -28,5 +30,5 @@ from jaxseg.data.sources import class_names
 from jaxseg.data.sources import load
 from jaxseg.data.voc import VocSeg
 
-__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "batches", "normalize_images", "resize_image",
+__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "batches", "normalize_images", "prepare_images", "resize_image",
            "shard_indices", "CocoObject", "FolderSource", "class_names", "load", "VocSeg"]

@@ -47,6 +47,26 @@ def resize_image(image: np.ndarray, image_size: int) -> np.ndarray:
   return images.resize(Image.fromarray(image), image_size)
 
 
+def prepare_images(photos: Sequence[np.ndarray], image_size: int) -> np.ndarray:
+  """ViT input from photos: N uint8 [H_i, W_i, 3] (any sizes) -> float32 [N, S, S, 3].
+
+  Each photo is resized with resize_image (PIL bicubic, antialiased when shrinking) and
+  ImageNet-normalised with normalize_images, exactly as `batches` prepares a dataset's images.
+  image_size S must suit the backbone (a multiple of its patch size).
+
+  Raises:
+    ValueError naming the photo that is not uint8 [H, W, 3] (e.g. grayscale or RGBA).
+  """
+  out = np.empty((len(photos), image_size, image_size, 3), np.float32)
+  for i, photo in enumerate(photos):
+    photo = np.asarray(photo)
+    if photo.dtype != np.uint8 or photo.ndim != 3 or photo.shape[-1] != 3:
+      raise ValueError(f"prepare_images: photos[{i}] must be uint8 [H, W, 3] RGB, got {photo.dtype} "
+                       f"{list(photo.shape)} (RGBA: photo[..., :3]; gray: np.repeat(photo[..., None], 3, -1))")
+    normalize_images(resize_image(np.ascontiguousarray(photo), image_size), out=out[i])
+  return out
+
+
 def shard_indices(num_items: int, *, shard: tuple[int, int] = (0, 1),
                   indices: Sequence[int] | None = None) -> np.ndarray:
   """Source indices one shard visits: every count-th of `indices` (default all), from index."""
