@@ -2,10 +2,8 @@
 
 import io
 import json
-import os
 import pathlib
 import re
-import stat
 import subprocess
 import sys
 import tarfile
