@@ -204,14 +204,20 @@ def _prepare_one(pixels, size, grids, truth, *, crf: CRFConfig):
 
 
 def _per_image(fn, mesh: jax.sharding.Mesh):
-  """fn over the leading axis of its batched arguments: each device runs its rows one by one (lax.map).
+  """fn(*row) over the leading axis of batched arguments; each device runs its rows one by one (lax.map).
 
-  A sequential map compiles the image's program once; vmapped, the lattice's
-  while loops and scatters compiled 2-3x slower, and compiling is most of a split's refinement.
+  The second argument of every row is its size [2] (H, W); rows of size 0
+  (batch padding) are skipped and give zeros. A sequential map compiles the
+  image's program once; vmapped, the lattice's while loops and scatters
+  compiled 2-3x slower, and compiling is most of a split's refinement.
   """
+  def one(row):
+    empty = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(fn, *row))
+    return jax.lax.cond(row[1][0] * row[1][1] > 0, lambda row: fn(*row), lambda row: empty, row)
+
   spec = jax.sharding.PartitionSpec(parallel.AXIS)
-  return jax.shard_map(lambda *args: jax.lax.map(lambda row: fn(*row), args), mesh=mesh, in_specs=spec, check_vma=False,
-                       out_specs=spec)
+  return jax.shard_map(lambda *args: jax.lax.map(one, args), mesh=mesh, in_specs=spec, out_specs=spec,
+                       check_vma=False)
 
 
 @functools.partial(jax.jit, static_argnames=("crf", "mesh"))
@@ -221,10 +227,10 @@ def _prepare(pixels, size, grids, truth, *, crf: CRFConfig, mesh: jax.sharding.M
 
 
 @functools.partial(jax.jit, static_argnames=("crf", "mesh", "gaussian_capacity", "bilateral_capacity"))
-def _crf_pass(points, energies, size, truth, *, crf: CRFConfig, mesh: jax.sharding.Mesh, gaussian_capacity: int,
+def _crf_pass(points, size, energies, truth, *, crf: CRFConfig, mesh: jax.sharding.Mesh, gaussian_capacity: int,
               bilateral_capacity: int):
   """Batched CRF at one capacity: -> mask [B, N] bool, fg [B] int32, counts [B, 2] int32."""
-  def one(points, energies, size, truth):
+  def one(points, size, energies, truth):
     valid = jnp.arange(energies.shape[0]) < size[0] * size[1]
     q = inference.crf_marginals(points, energies, valid, iterations=crf.iterations,
                                 gaussian_weight=crf.gaussian_weight, bilateral_weight=crf.bilateral_weight,
@@ -232,7 +238,7 @@ def _crf_pass(points, energies, size, truth, *, crf: CRFConfig, mesh: jax.shardi
     mask = (q[:, 1] > q[:, 0]) & valid  # argmax: ties go to background
     fg, counts = _fg_counts(mask[None], truth, valid)
     return mask, fg[0], counts[0]
-  return _per_image(one, mesh)(points, energies, size, truth)
+  return _per_image(one, mesh)(points, size, energies, truth)
 
 
 @functools.partial(jax.jit, static_argnames=("crf",))
@@ -331,7 +337,7 @@ def _run_bucket(items: list[RefineItem], bucket: int, rows: int, crf: CRFConfig,
     rungs = bilateral_rungs(bucket)
     bilateral_capacity = min((r for r in rungs if r >= num_points[1]), default=rungs[0])
     mask, refined_fg, refined_counts = parallel.to_host(_crf_pass(
-        prepared["points"], prepared["energies"], size, truth, crf=crf, mesh=mesh, gaussian_capacity=gaussian_capacity,
+        prepared["points"], size, prepared["energies"], truth, crf=crf, mesh=mesh, gaussian_capacity=gaussian_capacity,
         bilateral_capacity=bilateral_capacity))
   else:
     mask = parallel.to_host(prepared["fused"])
