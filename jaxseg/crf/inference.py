@@ -186,37 +186,38 @@ class _Kernels(NamedTuple):
   iterations: int
 
 
-def _mean_field_at(kernels: _Kernels, rung: int, points: KernelPoints, valid: jnp.ndarray,
-                   energies: jnp.ndarray) -> jnp.ndarray:
+def _mean_field_at(kernels: _Kernels, rung: int, gaussian: Lattice, bilateral: lattice_lib.LatticePoints,
+                   valid: jnp.ndarray, energies: jnp.ndarray) -> jnp.ndarray:
   """Mean field with the bilateral lattice built at capacity `rung`. energies: [N, L] -> Q [N, L]."""
-  gaussian = lattice_lib.lattice_at(points.gaussian, kernels.gaussian_capacity)
-  bilateral = lattice_lib.lattice_at(points.bilateral, rung)
+  bilateral = lattice_lib.lattice_at(bilateral, rung)
   norms = (symmetric_norm(gaussian, valid), symmetric_norm(bilateral, valid))
   return mean_field(energies, (gaussian, bilateral), norms, (kernels.gaussian_weight, kernels.bilateral_weight),
                     kernels.iterations)
 
 
-def _backward_at(kernels, rung, points, valid, energies, cotangent):
-  _, vjp = jax.vjp(functools.partial(_mean_field_at, kernels, rung, points, valid), energies)
+def _backward_at(kernels, rung, gaussian, bilateral, valid, energies, cotangent):
+  _, vjp = jax.vjp(functools.partial(_mean_field_at, kernels, rung, gaussian, bilateral, valid), energies)
   return vjp(cotangent)[0]
 
 
 # The whole inference runs at one capacity rung, so the bilateral neighbour
 # table is built at that size (not at N*(d+1)) and no filter switches again.
+# The Gaussian lattice is built once, outside the rungs: inside, each rung compiled its own search.
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _inference(kernels: _Kernels, points: KernelPoints, valid: jnp.ndarray, energies: jnp.ndarray) -> jnp.ndarray:
+def _inference(kernels: _Kernels, gaussian: Lattice, bilateral: lattice_lib.LatticePoints, valid: jnp.ndarray,
+               energies: jnp.ndarray) -> jnp.ndarray:
   forward = lattice_lib.on_rung(kernels.bilateral_capacities, functools.partial(_mean_field_at, kernels))
-  return forward(points.bilateral.table.num_unique, points, valid, energies)
+  return forward(bilateral.table.num_unique, gaussian, bilateral, valid, energies)
 
 
-def _inference_fwd(kernels, points, valid, energies):
-  return _inference(kernels, points, valid, energies), (points, valid, energies)
+def _inference_fwd(kernels, gaussian, bilateral, valid, energies):
+  return _inference(kernels, gaussian, bilateral, valid, energies), (gaussian, bilateral, valid, energies)
 
 
 def _inference_bwd(kernels, residuals, cotangent):
-  points, valid, energies = residuals
+  gaussian, bilateral, valid, energies = residuals
   backward = lattice_lib.on_rung(kernels.bilateral_capacities, functools.partial(_backward_at, kernels))
-  return None, None, backward(points.bilateral.table.num_unique, points, valid, energies, cotangent)
+  return None, None, None, backward(bilateral.table.num_unique, gaussian, bilateral, valid, energies, cotangent)
 
 
 _inference.defvjp(_inference_fwd, _inference_bwd)
@@ -241,7 +242,8 @@ def crf_marginals(points: KernelPoints, energies: jnp.ndarray, valid: jnp.ndarra
   """
   kernels = _Kernels(float(gaussian_weight), float(bilateral_weight), int(gaussian_capacity),
                      tuple(int(c) for c in bilateral_capacities), int(iterations))
-  return _inference(kernels, points, valid, energies)
+  gaussian = lattice_lib.lattice_at(points.gaussian, kernels.gaussian_capacity)
+  return _inference(kernels, gaussian, points.bilateral, valid, energies)
 
 
 def dense_crf(image: jnp.ndarray, unary: jnp.ndarray, *, valid: Optional[jnp.ndarray] = None,
