@@ -12,7 +12,7 @@ import importlib
 from absl import app
 from absl import flags
 
-BENCHMARKS = ("vit", "kmeans", "crf", "data", "pipeline", "scale")
+BENCHMARKS = ("vit", "kmeans", "crf", "split", "data", "pipeline", "scale")
 
 _ONLY = flags.DEFINE_list("only", list(BENCHMARKS), f"Which benchmarks to run, from {BENCHMARKS}.")
 

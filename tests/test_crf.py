@@ -268,3 +268,36 @@ def test_hash_table_ids_follow_first_occurrence(num_entries, key_range):
   found = np.asarray(hash_table.lookup(table, jnp.asarray(keys), queries, valid))
   np.testing.assert_array_equal(found[1:num_entries], expected_id[1:])
   assert found[0] == -1 and (found[num_entries:] == -1).all()
+
+
+@pytest.mark.parametrize("name, scale, pad, num_labels, params_name", [
+    ("chelsea", 0.5, (0, 37), 2, "voc"),
+    ("chelsea", 0.5, (21, 5), 2, "default"),
+    ("coffee", 0.25, (64, 64), 5, "voc"),
+])
+def test_padded_image_matches_pydensecrf_on_the_valid_region(name, scale, pad, num_labels, params_name):
+  # Padding (noise colours, strong unaries) is marked invalid: on the valid region the marginals are
+  # those of the unpadded image, as pydensecrf computes them at the original size.
+  image = photo(name, scale)
+  height, width = image.shape[:2]
+  unary = make_unary((height, width), num_labels, "noisy", seed=2)
+  rng = np.random.default_rng(3)
+  padded_image = rng.integers(0, 256, (height + pad[0], width + pad[1], 3), dtype=np.uint8)
+  padded_unary = (rng.random(padded_image.shape[:2] + (num_labels,)) * 20).astype(np.float32)
+  padded_image[:height, :width], padded_unary[:height, :width] = image, unary
+  valid = np.zeros(padded_image.shape[:2], bool)
+  valid[:height, :width] = True
+  crf = jax.jit(functools.partial(dense_crf, iterations=10, **PARAMS[params_name]))
+  q = np.asarray(crf(padded_image, padded_unary, valid=valid))[:height, :width]
+  q_ref = reference_crf(image, unary, **PARAMS[params_name])
+  assert np.isfinite(q).all()
+  assert np.mean(q.argmax(-1) == q_ref.argmax(-1)) >= 0.995
+  assert np.abs(q - q_ref).mean() <= 1e-4, np.abs(q - q_ref).mean()
+
+
+def test_valid_must_be_a_bool_map_of_the_image():
+  image, unary = np.zeros((4, 4, 3), np.uint8), np.zeros((4, 4, 2), np.float32)
+  with pytest.raises(ValueError, match=r"valid must be \[H, W\]"):
+    dense_crf(image, unary, valid=np.ones((4, 3), bool))
+  with pytest.raises(ValueError, match="valid must be"):
+    dense_crf(image, unary, valid=np.ones((4, 4), np.float32))

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxseg.crf import lattice as lattice_lib
-from jaxseg.crf.lattice import Lattice, build_lattice, compact, lattice_filter
+from jaxseg.crf.lattice import Lattice, lattice_filter
 
 
 def gaussian_features(height: int, width: int, sxy: float) -> np.ndarray:
@@ -17,34 +17,44 @@ def gaussian_features(height: int, width: int, sxy: float) -> np.ndarray:
   return np.stack([x, y], axis=-1).reshape(-1, 2) / np.float32(sxy)
 
 
-def _bucket(size: int) -> int:
-  """Smallest of 2^k and 3 * 2^(k-1) that is >= size: few distinct shapes to compile for."""
-  power = 1 << max(0, size - 1).bit_length()
-  return power * 3 // 4 if power >= 4 and power * 3 // 4 >= size else power
+def flat_positions(num_pixels: int, width: jnp.ndarray) -> jnp.ndarray:
+  """[N, 2] float32 (x, y) of row-major pixels 0..N-1 of an image `width` wide (traced or static)."""
+  index = jnp.arange(num_pixels, dtype=jnp.int32)
+  return jnp.stack([index % width, index // width], axis=-1).astype(jnp.float32)
 
 
-@jax.jit
-def _padded_gaussian_kernel(features: jnp.ndarray, valid: jnp.ndarray) -> Tuple[Lattice, jnp.ndarray]:
-  lattice = build_lattice(features)
-  return lattice, symmetric_norm(lattice, valid)
+def crf_features(pixels: jnp.ndarray, valid: jnp.ndarray, width: jnp.ndarray, *, gaussian_sxy: float,
+                 bilateral_sxy: float, bilateral_srgb: float) -> Tuple[jnp.ndarray, jnp.ndarray]:
+  """Features of both kernels of a flat image, pydensecrf's (x/sxy, y/sxy) and (x/sxy, y/sxy, rgb/srgb).
 
+  Invalid pixels take the features of the first valid one: their simplex
+  vertices are then lattice points that exist anyway, so they add no point
+  and change no blur (a zero point created by them would still pass mass on).
 
-@functools.lru_cache(maxsize=16)
-def gaussian_kernel(height: int, width: int, sxy: float) -> Tuple[Lattice, np.ndarray]:
-  """The position-only lattice and its symmetric norm [N, 1].
+  Args:
+    pixels: [N, 3] uint8 RGB, row-major.
+    valid: [N] bool.
+    width: [] int32 (traced or static), the row length that positions follow.
 
-  Both are functions of static sizes: built once per shape, compacted to M
-  lattice points, and passed to the inference as constants. The build is
-  compiled per bucket of sizes, not per shape: points are padded with copies
-  of the first one, which add no lattice point and are masked out of the norm.
+  Returns:
+    ([N, 2] float32, [N, 5] float32).
   """
-  features = gaussian_features(height, width, sxy)
-  num_inputs = features.shape[0]
-  padding = np.repeat(features[:1], _bucket(num_inputs) - num_inputs, axis=0)
-  valid = np.arange(num_inputs + len(padding)) < num_inputs
-  with jax.ensure_compile_time_eval():  # concrete arrays even when first called under jit
-    lattice, norm = _padded_gaussian_kernel(np.concatenate([features, padding]), valid)
-    return compact(lattice, num_inputs), np.asarray(norm)[:num_inputs]
+  position = flat_positions(pixels.shape[0], width)
+  features = jnp.concatenate([position / np.float32(bilateral_sxy),
+                              pixels.astype(jnp.float32) / np.float32(bilateral_srgb),
+                              position / np.float32(gaussian_sxy)], axis=-1)
+  features = jnp.where(valid[:, None], features, features[jnp.argmax(valid)])
+  return features[:, 5:], features[:, :5]
+
+
+def gaussian_capacity(height: int, width: int, sxy: float) -> int:
+  """Static bound on the Gaussian lattice's points: about 2/sqrt(3) per unit area plus 3 per unit of perimeter.
+
+  Measured on sizes 1x1 to 520x520 and sxy 0.3-10: the perimeter term never
+  exceeded 2.5; 3 (= d+1) points per pixel can never overflow.
+  """
+  area = 2.0 / np.sqrt(3.0) * height * width / sxy ** 2
+  return int(min(3 * height * width, np.ceil(area + 3.0 * ((height + width) / sxy + 2.0))))
 
 
 def bilateral_features(image: jnp.ndarray, sxy: float, srgb: float) -> jnp.ndarray:
@@ -69,11 +79,13 @@ def bilateral_capacities(num_pixels: int) -> Tuple[int, ...]:
 def symmetric_norm(lattice: Lattice, valid: Optional[jnp.ndarray] = None) -> jnp.ndarray:
   """[N, 1] float32: 1 / sqrt(K 1 + 1e-20), pydensecrf's NORMALIZE_SYMMETRIC.
 
-  valid: optional [N] bool, the points that count (the others splat nothing).
+  valid: optional [N] bool, the points that count: the others splat nothing and get norm 0,
+  so that they take no part in any later filter either.
   """
   num_inputs = lattice.offsets.shape[0]
   ones = jnp.ones((num_inputs, 1), jnp.float32) if valid is None else valid.astype(jnp.float32)[:, None]
-  return jax.lax.rsqrt(lattice_filter(lattice, ones) + 1e-20)
+  norm = jax.lax.rsqrt(lattice_filter(lattice, ones) + 1e-20)
+  return norm if valid is None else jnp.where(valid[:, None], norm, 0.0)
 
 
 # Up to this many labels, a softmax over unrolled columns is one vectorised loop; XLA's
@@ -94,6 +106,9 @@ def label_softmax(logits: jnp.ndarray) -> jnp.ndarray:
 def mean_field(unary: jnp.ndarray, lattices, norms, weights, iterations: int) -> jnp.ndarray:
   """Q = softmax(-U); then `iterations` times Q = softmax(-U + sum_k w_k n_k K_k(n_k Q)).
 
+  With two labels each kernel filters one channel: K(n q0) = K(n) - K(n q1),
+  K(n) filtered once (q0 + q1 = 1, so results move at the 1e-7 level only).
+
   Args:
     unary: [N, L] float32.
     lattices, norms, weights: one per kernel (Lattice, [N, 1] float32, Potts weight).
@@ -102,10 +117,18 @@ def mean_field(unary: jnp.ndarray, lattices, norms, weights, iterations: int) ->
   Returns:
     Q: [N, L] float32.
   """
+  two_labels = unary.shape[-1] == 2
+  filtered_norms = [lattice_filter(lattice, norm) if two_labels else None for lattice, norm in zip(lattices, norms)]
+
   def step(_, q):
     logits = -unary
-    for lattice, norm, weight in zip(lattices, norms, weights):
-      logits = logits + np.float32(weight) * norm * lattice_filter(lattice, norm * q)
+    for lattice, norm, filtered_norm, weight in zip(lattices, norms, filtered_norms, weights):
+      if two_labels:
+        filtered_fg = lattice_filter(lattice, norm * q[:, 1:])
+        filtered = jnp.concatenate([filtered_norm - filtered_fg, filtered_fg], axis=-1)
+      else:
+        filtered = lattice_filter(lattice, norm * q)
+      logits = logits + np.float32(weight) * norm * filtered
     return label_softmax(logits)
 
   return jax.lax.fori_loop(0, iterations, step, label_softmax(-unary))
@@ -137,52 +160,94 @@ def _check_inputs(image, unary, iterations: int, sigmas) -> None:
                        f"{tuple(int(i) for i in np.argwhere(bad)[0])}); energies must be finite or +inf.")
 
 
+class KernelPoints(NamedTuple):
+  """The capacity-independent lattice points of both kernels of one image (lattice.lattice_points)."""
+  gaussian: lattice_lib.LatticePoints
+  bilateral: lattice_lib.LatticePoints
+
+
+def kernel_points(pixels: jnp.ndarray, valid: jnp.ndarray, width: jnp.ndarray, *, gaussian_sxy: float,
+                  bilateral_sxy: float, bilateral_srgb: float) -> KernelPoints:
+  """Lattice points of a flat image's two kernels; `num_unique` of each tells the capacity it needs.
+
+  Args: as crf_features (pixels [N, 3] uint8, valid [N] bool, width [] int32).
+  """
+  gaussian, bilateral = crf_features(pixels, valid, width, gaussian_sxy=gaussian_sxy,
+                                     bilateral_sxy=bilateral_sxy, bilateral_srgb=bilateral_srgb)
+  return KernelPoints(lattice_lib.lattice_points(gaussian), lattice_lib.lattice_points(bilateral))
+
+
 class _Kernels(NamedTuple):
   """Static description of the two kernels (hashable: a custom_vjp non-differentiable argument)."""
   gaussian_weight: float
   bilateral_weight: float
+  gaussian_capacity: int
   bilateral_capacities: Tuple[int, ...]
   iterations: int
 
 
-def _mean_field_at(kernels: _Kernels, rung: int, gaussian: Lattice, gaussian_norm: jnp.ndarray,
-                   points: lattice_lib.LatticePoints, energies: jnp.ndarray) -> jnp.ndarray:
+def _mean_field_at(kernels: _Kernels, rung: int, gaussian: Lattice, bilateral: lattice_lib.LatticePoints,
+                   valid: jnp.ndarray, energies: jnp.ndarray) -> jnp.ndarray:
   """Mean field with the bilateral lattice built at capacity `rung`. energies: [N, L] -> Q [N, L]."""
-  bilateral = lattice_lib.lattice_at(points, rung)
-  return mean_field(energies, (gaussian, bilateral), (gaussian_norm, symmetric_norm(bilateral)),
-                    (kernels.gaussian_weight, kernels.bilateral_weight), kernels.iterations)
+  bilateral = lattice_lib.lattice_at(bilateral, rung)
+  norms = (symmetric_norm(gaussian, valid), symmetric_norm(bilateral, valid))
+  return mean_field(energies, (gaussian, bilateral), norms, (kernels.gaussian_weight, kernels.bilateral_weight),
+                    kernels.iterations)
 
 
-def _backward_at(kernels, rung, gaussian, gaussian_norm, points, energies, cotangent):
-  _, vjp = jax.vjp(functools.partial(_mean_field_at, kernels, rung, gaussian, gaussian_norm, points), energies)
+def _backward_at(kernels, rung, gaussian, bilateral, valid, energies, cotangent):
+  _, vjp = jax.vjp(functools.partial(_mean_field_at, kernels, rung, gaussian, bilateral, valid), energies)
   return vjp(cotangent)[0]
 
 
 # The whole inference runs at one capacity rung, so the bilateral neighbour
 # table is built at that size (not at N*(d+1)) and no filter switches again.
-# The Gaussian kernel enters as operands: closed over, each rung would embed its own copy.
+# The Gaussian lattice is built once, outside the rungs: inside, each rung compiled its own search.
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _inference(kernels: _Kernels, gaussian: Lattice, gaussian_norm: jnp.ndarray,
-               points: lattice_lib.LatticePoints, energies: jnp.ndarray) -> jnp.ndarray:
+def _inference(kernels: _Kernels, gaussian: Lattice, bilateral: lattice_lib.LatticePoints, valid: jnp.ndarray,
+               energies: jnp.ndarray) -> jnp.ndarray:
   forward = lattice_lib.on_rung(kernels.bilateral_capacities, functools.partial(_mean_field_at, kernels))
-  return forward(points.table.num_unique, gaussian, gaussian_norm, points, energies)
+  return forward(bilateral.table.num_unique, gaussian, bilateral, valid, energies)
 
 
-def _inference_fwd(kernels, gaussian, gaussian_norm, points, energies):
-  return _inference(kernels, gaussian, gaussian_norm, points, energies), (gaussian, gaussian_norm, points, energies)
+def _inference_fwd(kernels, gaussian, bilateral, valid, energies):
+  return _inference(kernels, gaussian, bilateral, valid, energies), (gaussian, bilateral, valid, energies)
 
 
 def _inference_bwd(kernels, residuals, cotangent):
-  gaussian, gaussian_norm, points, energies = residuals
+  gaussian, bilateral, valid, energies = residuals
   backward = lattice_lib.on_rung(kernels.bilateral_capacities, functools.partial(_backward_at, kernels))
-  return None, None, None, backward(points.table.num_unique, gaussian, gaussian_norm, points, energies, cotangent)
+  return None, None, None, backward(bilateral.table.num_unique, gaussian, bilateral, valid, energies, cotangent)
 
 
 _inference.defvjp(_inference_fwd, _inference_bwd)
 
 
-def dense_crf(image: jnp.ndarray, unary: jnp.ndarray, *, iterations: int = 10,
-              gaussian_sxy: float = 3.0, gaussian_weight: float = 3.0,
+def crf_marginals(points: KernelPoints, energies: jnp.ndarray, valid: jnp.ndarray, *, iterations: int,
+                  gaussian_weight: float, bilateral_weight: float, gaussian_capacity: int,
+                  bilateral_capacities: Tuple[int, ...]) -> jnp.ndarray:
+  """Mean-field marginals of a flat image from its kernel points (the second half of dense_crf).
+
+  Args:
+    points: kernel_points of the image.
+    energies: [N, L] float32, finite (or 1e30 for impossible labels).
+    valid: [N] bool; invalid pixels take no part and their rows are meaningless.
+    iterations, gaussian_weight, bilateral_weight: as dense_crf.
+    gaussian_capacity: static, >= points.gaussian's point count (else the result is NaN).
+    bilateral_capacities: static descending rungs; the inference runs at the smallest that holds
+      the bilateral lattice (one rung: a single program; NaN if it overflows).
+
+  Returns:
+    Q: [N, L] float32.
+  """
+  kernels = _Kernels(float(gaussian_weight), float(bilateral_weight), int(gaussian_capacity),
+                     tuple(int(c) for c in bilateral_capacities), int(iterations))
+  gaussian = lattice_lib.lattice_at(points.gaussian, kernels.gaussian_capacity)
+  return _inference(kernels, gaussian, points.bilateral, valid, energies)
+
+
+def dense_crf(image: jnp.ndarray, unary: jnp.ndarray, *, valid: Optional[jnp.ndarray] = None,
+              iterations: int = 10, gaussian_sxy: float = 3.0, gaussian_weight: float = 3.0,
               bilateral_sxy: float = 80.0, bilateral_srgb: float = 13.0,
               bilateral_weight: float = 10.0) -> jnp.ndarray:
   """Marginals of a dense CRF with a Gaussian and a bilateral Potts kernel, as pydensecrf computes them.
@@ -206,6 +271,11 @@ def dense_crf(image: jnp.ndarray, unary: jnp.ndarray, *, iterations: int = 10,
       (zero probability) is allowed. NaN or -inf raise ValueError when unary
       is concrete; under jit they cannot be checked, and count as +inf and
       -1e30 respectively, so the result stays finite.
+    valid: optional [H, W] bool, default all True. Invalid (e.g. padding)
+      pixels take no part: they splat nothing into either lattice, are out of
+      the normalisation, and their rows of Q are meaningless. On the valid
+      region Q is that of the CRF of the valid pixels alone at their (x, y),
+      e.g. of the unpadded image when the padding is at the bottom/right.
     iterations: number of mean-field steps (0 gives softmax(-unary)).
     gaussian_sxy, gaussian_weight: position kernel's standard deviation in
       pixels and Potts weight.
@@ -222,11 +292,16 @@ def dense_crf(image: jnp.ndarray, unary: jnp.ndarray, *, iterations: int = 10,
   _check_inputs(image, unary, iterations, {"gaussian_sxy": gaussian_sxy, "bilateral_sxy": bilateral_sxy,
                                            "bilateral_srgb": bilateral_srgb})
   height, width, num_labels = unary.shape
+  if valid is None:
+    valid = jnp.ones((height, width), bool)
+  elif valid.shape != (height, width) or valid.dtype != jnp.bool_:
+    raise ValueError(f"dense_crf: valid must be [H, W] = {(height, width)} bool, got {valid.dtype} {valid.shape}.")
   energies = jnp.nan_to_num(unary.astype(jnp.float32), nan=_HUGE_ENERGY, posinf=_HUGE_ENERGY,
                             neginf=-_HUGE_ENERGY)
-  points = lattice_lib.lattice_points(bilateral_features(image, bilateral_sxy, bilateral_srgb))
-  capacities = bilateral_capacities(height * width)
-  kernels = _Kernels(float(gaussian_weight), float(bilateral_weight), capacities, iterations)
-  gaussian, gaussian_norm = gaussian_kernel(height, width, float(gaussian_sxy))
-  q = _inference(kernels, gaussian, jnp.asarray(gaussian_norm), points, energies.reshape(-1, num_labels))
+  points = kernel_points(image.reshape(-1, 3), valid.reshape(-1), width, gaussian_sxy=gaussian_sxy,
+                         bilateral_sxy=bilateral_sxy, bilateral_srgb=bilateral_srgb)
+  q = crf_marginals(points, energies.reshape(-1, num_labels), valid.reshape(-1), iterations=iterations,
+                    gaussian_weight=gaussian_weight, bilateral_weight=bilateral_weight,
+                    gaussian_capacity=gaussian_capacity(height, width, gaussian_sxy),
+                    bilateral_capacities=bilateral_capacities(height * width))
   return q.reshape(height, width, num_labels)

@@ -207,18 +207,6 @@ def build_lattice(features: jnp.ndarray, capacity: Optional[int] = None) -> Latt
   return lattice_at(points, capacity, capacity_ladder(capacity))
 
 
-def compact(lattice: Lattice, num_inputs: Optional[int] = None) -> Lattice:
-  """Shrinks a concrete (not traced) lattice to capacity M exactly: a constant lattice for reuse.
-
-  num_inputs: keep only the first this many input points (default all).
-  """
-  num_points = int(lattice.num_points)
-  neighbors = np.minimum(np.asarray(lattice.neighbors)[:, :, :num_points + 1], num_points)
-  return Lattice(offsets=jnp.asarray(np.asarray(lattice.offsets)[:num_inputs]),
-                 weights=jnp.asarray(np.asarray(lattice.weights)[:num_inputs]),
-                 neighbors=jnp.asarray(neighbors), num_points=lattice.num_points, capacities=(num_points,))
-
-
 def _splat(lattice: Lattice, values: jnp.ndarray, rows: int) -> jnp.ndarray:
   """Segment sums of weighted values onto `rows` lattice rows, point by point as the reference adds them.
 

@@ -47,7 +47,12 @@ from jaxseg.framework.pipeline import batches
 from jaxseg.framework.pipeline import label_pooled
 from jaxseg.framework.pipeline import scores_and_probability
 from jaxseg.framework.pipeline import segment_features
+from jaxseg.framework.refine import FG_LEVELS
+from jaxseg.framework.refine import RefinedImage
+from jaxseg.framework.refine import RefineItem
 from jaxseg.framework.refine import downscaled_size
 from jaxseg.framework.refine import refine
+from jaxseg.framework.refine import refine_programs
+from jaxseg.framework.refine import refine_stream
 from jaxseg.framework.refine import unary_from_prob
 from jaxseg.framework.refine import upsample

@@ -1,0 +1,135 @@
+"""Refinement of a VOC-like split of many image sizes, in a cold process, against pydensecrf.
+
+The split: NUM_IMAGES rescaled crops of scikit-image photographs, each of its
+own size (sides 180-500, as PASCAL VOC), and the same images in VOC's 3
+commonest sizes. Fused probabilities and level scores are smooth random fields
+on a 32 x 32 patch grid (448 px, patch 14); truth maps threshold another field
+with a 255 border, as VOC's ignore band. Each split is refined whole by
+framework.refine_stream (CRFConfig defaults: VOC parameters, 10 iterations) in
+its own fresh subprocess with no persistent XLA cache, so compilation counts;
+pydensecrf refines the same images from the same unaries in this process.
+
+Rows: many sizes vs pydensecrf (seconds), many vs 3 sizes (seconds and peak
+RSS of the subprocess), and the number of refinement programs compiled.
+
+  python -m experiments.benchmark --only=split
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+
+from experiments.benchmarks.common import row
+
+NUM_IMAGES = 24
+GRID = (32, 32)
+COMMON_SIZES = ((375, 500), (500, 375), (333, 500))
+_PHOTOS = ("chelsea", "coffee", "astronaut", "rocket", "hubble_deep_field", "immunohistochemistry")
+_MARK = "SPLIT_RESULT "
+
+
+def sizes(kind: str, num_images: int = NUM_IMAGES, seed: int = 0) -> list[tuple[int, int]]:
+  """num_images distinct (H, W) with sides in [180, 500] ('many'), or VOC's 3 commonest sizes in turn ('few')."""
+  if kind == "few":
+    return [COMMON_SIZES[i % len(COMMON_SIZES)] for i in range(num_images)]
+  rng = np.random.default_rng(seed)
+  chosen: list[tuple[int, int]] = []
+  while len(chosen) < num_images:
+    size = tuple(int(s) for s in rng.integers(180, 501, 2))
+    if size not in chosen:
+      chosen.append(size)
+  return chosen
+
+
+def _smooth_field(rng, shape, cells=(4, 4)) -> np.ndarray:
+  import skimage.transform
+  return skimage.transform.resize(rng.random(cells), shape, order=1).astype(np.float32)
+
+
+def items(kind: str, num_images: int = NUM_IMAGES):
+  """The split as framework.RefineItem's (deterministic)."""
+  import skimage.data
+  import skimage.transform
+
+  from jaxseg import framework
+  rng = np.random.default_rng(1)
+  out = []
+  for i, (height, width) in enumerate(sizes(kind, num_images)):
+    photo = getattr(skimage.data, _PHOTOS[i % len(_PHOTOS)])()
+    photo = photo if photo.ndim == 3 else np.stack([photo] * 3, axis=-1)
+    top, left = (int(rng.integers(0, max(1, s // 4))) for s in photo.shape[:2])
+    image = skimage.transform.resize(photo[top:, left:, :3], (height, width), anti_aliasing=True)
+    image = (image * 255).round().astype(np.uint8) if image.max() <= 1.0 else image.astype(np.uint8)
+    fg_prob = _smooth_field(rng, GRID)
+    scores = np.stack([np.clip(fg_prob + 0.2 * (_smooth_field(rng, GRID) - 0.5), 0, 1) for _ in range(3)])
+    truth = (_smooth_field(rng, (height, width)) > 0.5).astype(np.uint8) * (1 + i % 20)
+    truth[:3], truth[-3:], truth[:, :3], truth[:, -3:] = 255, 255, 255, 255
+    out.append(framework.RefineItem(key=i, image=np.ascontiguousarray(image), fg_prob=fg_prob,
+                                    level_scores=scores.astype(np.float32), truth=truth))
+  return out
+
+
+def worker(kind: str, num_images: int = NUM_IMAGES, batch_size: int = 1) -> dict:
+  """Refines a split in this process (meant to be a fresh one): seconds, programs, peak RSS, fg pixels."""
+  import resource
+  import time
+
+  from jaxseg import framework
+  split = items(kind, num_images)
+  start = time.perf_counter()
+  results = dict(framework.refine_stream(split, framework.CRFConfig(), batch_size=batch_size))
+  seconds = time.perf_counter() - start
+  return dict(seconds=seconds, programs=framework.refine_programs(),
+              peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+              fg_pixels=[int(results[i].fg_pixels[-1]) for i in range(len(split))])
+
+
+def spawn(kind: str, num_images: int = NUM_IMAGES, batch_size: int = 1) -> dict:
+  """worker() in a fresh subprocess with the persistent compilation cache off."""
+  env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_COMPILATION_CACHE")}
+  env["JAX_ENABLE_COMPILATION_CACHE"] = "false"
+  code = ("import json; from experiments.benchmarks import split; "
+          f"print({_MARK!r} + json.dumps(split.worker({kind!r}, {num_images}, {batch_size})))")
+  done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=3600)
+  if done.returncode != 0:
+    raise RuntimeError(f"split benchmark worker ({kind}) failed:\n{done.stderr[-4000:]}")
+  line = next(l for l in done.stdout.splitlines() if l.startswith(_MARK))
+  return json.loads(line[len(_MARK):])
+
+
+def reference_seconds(kind: str) -> tuple[float, list[int]]:
+  """pydensecrf over the same split, same unaries and parameters: seconds and refined fg pixels."""
+  import time
+
+  import jax
+  from experiments.benchmarks.crf import reference_crf
+  from jaxseg import framework
+  crf = framework.CRFConfig()
+  params = dict(gaussian_sxy=crf.gaussian_sxy, gaussian_weight=crf.gaussian_weight, bilateral_sxy=crf.bilateral_sxy,
+                bilateral_srgb=crf.bilateral_srgb, bilateral_weight=crf.bilateral_weight)
+  unaries = []
+  with jax.default_device(jax.devices("cpu")[0]):
+    for item in items(kind):
+      prob = framework.upsample(item.fg_prob, item.image.shape[:2])
+      unaries.append((item.image, np.asarray(framework.unary_from_prob(prob))))
+  start = time.perf_counter()
+  fg = [int((reference_crf(image, unary, crf.iterations, **params).argmax(-1) == 1).sum()) for image, unary in unaries]
+  return time.perf_counter() - start, fg
+
+
+def run() -> None:
+  many, few = spawn("many"), spawn("few")
+  ref_s, ref_fg = reference_seconds("many")
+  agree = np.mean(np.abs(np.asarray(many["fg_pixels"]) - ref_fg) / np.maximum(ref_fg, 1))
+  row(f"split refine {NUM_IMAGES} sizes vs pydensecrf (s)", many["seconds"], ref_s,
+      extra=f"cold, {many['programs']} programs; mean |d fg pixels| {agree:.2e}")
+  row(f"split refine {NUM_IMAGES} sizes vs 3 sizes (s)", many["seconds"], few["seconds"],
+      extra=f"{few['programs']} programs for 3 sizes")
+  row(f"split peak RSS {NUM_IMAGES} sizes vs 3 sizes (MB)", many["peak_rss_mb"], few["peak_rss_mb"], unit="MB")
+
+
+if __name__ == "__main__":
+  run()

@@ -1,0 +1,156 @@
+"""framework.refine_stream (bucketed, batched refinement) against jax.image.resize, pydensecrf and numpy counts."""
+
+import os
+import pathlib
+import subprocess
+import sys
+import textwrap
+
+import jax
+import numpy as np
+import pytest
+import skimage.data
+import skimage.transform
+
+from jaxseg import framework
+
+refine_lib = sys.modules["jaxseg.framework.refine"]
+pytest.importorskip("pydensecrf.densecrf")
+from experiments.benchmarks.crf import reference_crf  # noqa: E402
+
+CRF = framework.CRFConfig()
+GRID = (8, 10)
+
+
+def crf_params(crf):
+  return dict(gaussian_sxy=crf.gaussian_sxy, gaussian_weight=crf.gaussian_weight, bilateral_sxy=crf.bilateral_sxy,
+              bilateral_srgb=crf.bilateral_srgb, bilateral_weight=crf.bilateral_weight)
+
+
+def make_item(key, size, seed, with_truth=True, photo="chelsea"):
+  rng = np.random.default_rng(seed)
+  image = skimage.transform.resize(getattr(skimage.data, photo)(), size, anti_aliasing=True)
+  image = (image * 255).round().astype(np.uint8)
+  field = lambda: skimage.transform.resize(rng.random((3, 4)), GRID, order=1).astype(np.float32)
+  truth = None
+  if with_truth:
+    truth = (skimage.transform.resize(rng.random((4, 4)), size, order=1) > 0.5).astype(np.uint8) * 7
+    truth[:2] = 255
+  return framework.RefineItem(key=key, image=image, fg_prob=field(), level_scores=np.stack([field() for _ in range(3)]),
+                              truth=truth)
+
+
+def expected(item, crf=CRF):
+  """Independent computation: jax.image.resize upsampling, pydensecrf argmax, numpy counts."""
+  size = item.image.shape[:2]
+  resize = lambda grid: np.asarray(jax.image.resize(grid, size, method="linear"))
+  probs = [resize(s) for s in item.level_scores] + [resize(item.fg_prob)]
+  p = np.clip(probs[3], 1e-5, 1 - 1e-5)
+  unary = -np.log(np.stack([1 - p, p], axis=-1)).astype(np.float32)
+  refined = reference_crf(item.image, unary, crf.iterations, **crf_params(crf)).argmax(-1) == 1
+  return [prob > 0.5 for prob in probs] + [refined]
+
+
+def numpy_counts(masks, truth):
+  if truth is None:
+    return np.zeros((len(masks), 2), np.int64)
+  counted, gt = truth != 255, (truth != 255) & (truth != 0)
+  return np.array([[np.sum(m & gt & counted), np.sum((m | gt) & counted)] for m in masks], np.int64)
+
+
+def test_upsample_flat_equals_jax_image_resize():
+  rng = np.random.default_rng(0)
+  grids = rng.random((2, 7, 9)).astype(np.float32)
+  upsample = jax.jit(refine_lib.upsample_flat, static_argnums=2)
+  for height, width in [(7, 9), (8, 31), (50, 9), (123, 77)]:
+    flat = np.asarray(upsample(grids, np.array([height, width], np.int32), 128 * 128))
+    for k in range(2):
+      want = np.asarray(jax.image.resize(grids[k], (height, width), method="linear"))
+      np.testing.assert_allclose(flat[k, :height * width].reshape(height, width), want, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_stream_of_many_sizes_matches_independent_computation_in_few_programs():
+  # 18 sizes in 2 pixel buckets (8192 and 16384); the last item has no truth.
+  sizes = [(64 + 3 * i, 100 - 2 * i) for i in range(9)] + [(100 + 3 * i, 130 - 2 * i) for i in range(9)]
+  items = [make_item(i, size, seed=i, with_truth=i != len(sizes) - 1) for i, size in enumerate(sizes)]
+  buckets = {refine_lib.pixel_bucket(h * w) for h, w in sizes}
+  assert buckets == {8192, 16384}
+  before = framework.refine_programs()
+  results = dict(framework.refine_stream(items, CRF))
+  compiled = framework.refine_programs() - before
+  assert sorted(results) == list(range(len(sizes)))
+  for item in items:
+    got, masks = results[item.key], expected(item)
+    assert got.mask.shape == item.image.shape[:2] and got.mask.dtype == bool
+    assert np.mean(got.mask == masks[4]) >= 0.995
+    np.testing.assert_array_equal(got.fg_pixels, [int(m.sum()) for m in masks[:4]] + [int(got.mask.sum())])
+    np.testing.assert_array_equal(got.counts, numpy_counts(masks[:4] + [got.mask], item.truth))
+  # The documented bound, buckets x (1 + rungs + 1), is below the number of sizes.
+  bound = sum(2 + len(refine_lib.bilateral_rungs(b)) for b in buckets)
+  assert bound < len(sizes) and compiled <= bound, (compiled, bound)
+
+
+@pytest.mark.slow
+def test_batch_mixing_sizes_in_one_bucket_matches_pydensecrf_image_by_image():
+  sizes = [(150, 210), (140, 200), (128, 250)]  # 31,500 / 28,000 / 32,000 pixels: the 32,768 bucket
+  assert {refine_lib.pixel_bucket(h * w) for h, w in sizes} == {32768}
+  items = [make_item(i, size, seed=10 + i, photo="coffee") for i, size in enumerate(sizes)]
+  prepared_before = refine_lib._prepare._cache_size()
+  results = dict(framework.refine_stream(items, CRF, batch_size=3))
+  assert refine_lib._prepare._cache_size() - prepared_before <= 1  # one batch, one program
+  for item in items:
+    assert np.mean(results[item.key].mask == expected(item)[4]) >= 0.995
+
+
+def test_single_image_refine_and_no_crf():
+  item = make_item(0, (40, 50), seed=3, with_truth=False)
+  mask = framework.refine(item.image, item.fg_prob, CRF)
+  assert mask.shape == (40, 50) and np.mean(mask == expected(item)[4]) >= 0.995
+  no_crf = framework.CRFConfig(iterations=0)
+  (_, got), = framework.refine_stream([item], no_crf)
+  fused = expected(item, framework.CRFConfig(iterations=1))[3]
+  np.testing.assert_array_equal(got.mask, fused)
+  np.testing.assert_array_equal(got.counts, np.zeros((5, 2)))
+
+
+def test_bad_items_raise_naming_the_key():
+  item = make_item("img7", (20, 30), seed=0)
+  with pytest.raises(ValueError, match="img7.*level_scores"):
+    list(framework.refine_stream([item._replace(level_scores=item.level_scores[:2])], CRF))
+  with pytest.raises(ValueError, match="img7.*truth"):
+    list(framework.refine_stream([item._replace(truth=item.truth[:5])], CRF))
+
+
+_RSS_CHILD = textwrap.dedent("""
+    import resource, sys
+    sys.path.insert(0, {root!r})
+    from tests.test_refine import make_item
+    from jaxseg import framework
+    sizes = {sizes!r}
+    items = [make_item(i, size, seed=i) for i, size in enumerate(sizes)]
+    for _ in framework.refine_stream(items, framework.CRFConfig(iterations=3), batch_size=2):
+      pass
+    print("RSS", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+""")
+
+
+def _peak_rss_kb(sizes) -> int:
+  root = str(pathlib.Path(__file__).resolve().parents[1])
+  code = _RSS_CHILD.format(root=root, sizes=sizes)
+  done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=1200, cwd=root,
+                        env=dict(os.environ, JAX_PLATFORMS="cpu"))
+  assert done.returncode == 0, done.stderr[-3000:]
+  return int(next(l for l in done.stdout.splitlines() if l.startswith("RSS")).split()[1])
+
+
+@pytest.mark.slow
+def test_peak_rss_does_not_grow_with_the_number_of_sizes():
+  # 16 images in 16 sizes vs in 3 sizes, sides 129-180: the same pixel bucket (32,768) for both.
+  rng = np.random.default_rng(0)
+  many = [(int(h), int(w)) for h, w in zip(rng.permutation(np.arange(130, 180, 3))[:16], rng.integers(129, 180, 16))]
+  few = [((130, 130), (150, 170), (179, 179))[i % 3] for i in range(16)]
+  assert len(set(many)) == 16
+  assert {refine_lib.pixel_bucket(h * w) for h, w in many} == {refine_lib.pixel_bucket(h * w) for h, w in few}
+  rss_many, rss_few = _peak_rss_kb(many), _peak_rss_kb(few)
+  assert rss_many <= 1.15 * rss_few, (rss_many, rss_few)
