@@ -5,7 +5,7 @@ import io
 import json
 import os
 import pathlib
-import tempfile
+import secrets
 
 import numpy as np
 import PIL.Image
@@ -34,11 +34,24 @@ def config_fields(path: str | pathlib.Path) -> list[str]:
   return sorted(name for name, _ in config_items(load_config_file(path).to_dict()))
 
 
+def _create_temp_file(path: pathlib.Path) -> tuple[int, pathlib.Path]:
+  """Creates .<name>.<random>.tmp next to path with mode 0666 less the umask (mkstemp's 0600 would stick)."""
+  while True:
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+    try:
+      return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), tmp
+    except FileExistsError:
+      continue
+
+
 def atomic_write_bytes(path: str | pathlib.Path, data: bytes) -> None:
-  """Writes data to path so that readers see the old file or the whole new one, never a part."""
+  """Writes data to path so that readers see the old file or the whole new one, never a part.
+
+  The file gets the usual mode (0666 less the umask: 0644 under umask 022), so outputs can be shared.
+  """
   path = pathlib.Path(path)
   path.parent.mkdir(parents=True, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+  fd, tmp = _create_temp_file(path)
   try:
     with os.fdopen(fd, "wb") as f:
       f.write(data)
