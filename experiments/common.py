@@ -9,6 +9,7 @@ import secrets
 
 import numpy as np
 import PIL.Image
+import PIL.PngImagePlugin
 
 
 def load_config_file(path: str | pathlib.Path):
@@ -79,16 +80,23 @@ def save_json(path: str | pathlib.Path, obj) -> None:
   atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
 
 
-def save_png(path: str | pathlib.Path, array: np.ndarray, palette: np.ndarray | None = None) -> None:
-  """Writes a uint8 image ([H, W] or [H, W, 3]) as PNG atomically; with a palette [256, 3] as a palette PNG."""
+def save_png(path: str | pathlib.Path, array: np.ndarray, palette: np.ndarray | None = None,
+             text: dict[str, str] | None = None) -> None:
+  """Writes a uint8 image ([H, W] or [H, W, 3]) as PNG atomically; with a palette [256, 3] as a palette PNG.
+
+  text: PNG text chunks, written before the pixels (PIL's Image.info has them without decoding).
+  """
   array = np.ascontiguousarray(array, np.uint8)
   if palette is None:
     image = PIL.Image.fromarray(array)
   else:
     image = PIL.Image.frombytes("P", (array.shape[1], array.shape[0]), array.tobytes())
     image.putpalette(np.asarray(palette, np.uint8).reshape(-1).tolist())
+  info = PIL.PngImagePlugin.PngInfo()
+  for key, value in (text or {}).items():
+    info.add_text(key, value)
   buffer = io.BytesIO()
-  image.save(buffer, format="PNG")
+  image.save(buffer, format="PNG", pnginfo=info)
   atomic_write_bytes(path, buffer.getvalue())
 
 
