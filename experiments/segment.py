@@ -11,7 +11,6 @@ A user error (bad config value, bad data or weights file, a workdir in use by an
 with one line `error: ...` and exit status 2; --verbosity=1 also prints its traceback.
 """
 
-import importlib.util
 import pathlib
 
 import jax
@@ -21,6 +20,8 @@ from absl import logging
 
 from experiments import distributed
 from experiments import errors
+from experiments import runner
+from experiments import validation
 from experiments.common import config_fields
 
 _DEFAULT_CONFIG = pathlib.Path(__file__).resolve().parents[1] / "configs" / "demo.py"
@@ -37,16 +38,10 @@ _XLA_CACHE_MAX_MB = flags.DEFINE_integer("xla_cache_max_mb", 2048, "Bound on the
 flags.mark_flags_as_required(["workdir"])
 
 
-def _runner():
-  """experiments.runner once it exists, else the pipeline module it replaces."""
-  import importlib  # noqa: PLC0415
-  name = "experiments.runner" if importlib.util.find_spec("experiments.runner") else "experiments.pipeline"
-  return importlib.import_module(name)
-
-
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments {argv[1:]}")
+  validation.validate(_CONFIG.value, _WORKDIR.value)  # runner.run validates too; this spares the config dump
   distributed.initialize(_CONFIG.value.distributed)  # before any JAX computation
   if _XLA_CACHE.value:
     jax.config.update("jax_compilation_cache_dir", str(pathlib.Path(_XLA_CACHE.value).expanduser()))
@@ -54,7 +49,7 @@ def main(argv):
                       if _XLA_CACHE_MAX_MB.value >= 0 else -1)
   logging.info("workdir: %s", _WORKDIR.value)
   logging.info("config:\n%s", _CONFIG.value)
-  result = _runner().run(_CONFIG.value, _WORKDIR.value)
+  result = runner.run(_CONFIG.value, _WORKDIR.value)
   summary = {k: result[k] for k in ("num_images", "miou", "pixel_accuracy", "fg_iou") if k in result}
   logging.info("done: %s; see %s/metrics.json and gallery.html", summary, _WORKDIR.value)
 
