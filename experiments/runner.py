@@ -99,11 +99,11 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict:
   return result
 
 
-def feature_cache(workdir: str | pathlib.Path) -> framework.PatchFeatures:
-  """[N, ...] PatchFeatures of a finished run's feature cache, as its passes read them (float32 patches)."""
-  workdir = pathlib.Path(workdir)
-  parts = [common.load_npz(path) for path in sorted((workdir / "features").glob("*.npz"))]
+def feature_cache(workdir: str | pathlib.Path) -> tuple[framework.PatchFeatures, list[str]]:
+  """A finished run's feature cache as its passes read it (float32 patches): ([N, ...] PatchFeatures, N ids)."""
+  parts = [common.load_npz(path) for path in sorted((pathlib.Path(workdir) / "features").glob("*.npz"))]
   keep = np.concatenate([p["index"] for p in parts]) >= 0
   stack = lambda name, dtype: np.concatenate([p[name] for p in parts]).astype(dtype)[keep]
-  return framework.PatchFeatures(patches=stack("patches", np.float32), cls=stack("cls", np.float32),
-                                 attention=stack("attention", np.float32), valid=stack("valid", bool))
+  features = framework.PatchFeatures(patches=stack("patches", np.float32), cls=stack("cls", np.float32),
+                                     attention=stack("attention", np.float32), valid=stack("valid", bool))
+  return features, [str(i) for i in stack("id", str)]

@@ -230,3 +230,31 @@ def make_coco(root, *, n_train: int = 2, n_val: int = 4, zipped: bool = True,
         (root / name).parent.mkdir(parents=True, exist_ok=True)
         (root / name).write_bytes(data)
   return ids
+
+
+def segment_config(path, **overrides):
+  """A configs/*.py file's config with dotted-name overrides, e.g. segment_config(p, **{"crf.iterations": 2})."""
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  path = pathlib.Path(path)
+  spec = importlib.util.spec_from_file_location(path.stem, path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config()
+  for name, value in overrides.items():
+    *parents, leaf = name.split(".")
+    node = config
+    for parent in parents:
+      node = node[parent]
+    node[leaf] = value
+  return config
+
+
+def make_photo_folder(root, sizes: dict[str, tuple[int, int]], *, seed: int = 0) -> pathlib.Path:
+  """Writes one JPEG per name (name -> (H, W)) showing rectangles on a gradient, as the VOC fixture draws."""
+  root = pathlib.Path(root)
+  root.mkdir(parents=True, exist_ok=True)
+  rng = np.random.default_rng(seed)
+  for name, (height, width) in sizes.items():
+    image, _ = _voc_example(rng, height, width)
+    (root / f"{name}.jpg").write_bytes(_jpeg(image))
+  return root
