@@ -234,12 +234,8 @@ def make_coco(root, *, n_train: int = 2, n_val: int = 4, zipped: bool = True,
 
 def segment_config(path, **overrides):
   """A configs/*.py file's config with dotted-name overrides, e.g. segment_config(p, **{"crf.iterations": 2})."""
-  import importlib.util  # pylint: disable=g-import-not-at-top
-  path = pathlib.Path(path)
-  spec = importlib.util.spec_from_file_location(path.stem, path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  config = module.get_config()
+  from experiments import common  # pylint: disable=g-import-not-at-top
+  config = common.load_config_file(path)
   for name, value in overrides.items():
     *parents, leaf = name.split(".")
     node = config
