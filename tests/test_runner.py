@@ -27,28 +27,14 @@ def _config(folder: pathlib.Path, **changes):
                                  **{"data.name": f"folder:{folder}", **SMALL, **changes})
 
 
-def _pngs(folder: pathlib.Path) -> dict[str, np.ndarray]:
-  return {str(p.relative_to(folder)): np.array(PIL.Image.open(p)) for p in sorted(folder.rglob("*.png"))}
 
 
-def _ran(workdir: pathlib.Path) -> set[str]:
-  decisions = json.loads((workdir / "manifests" / "last_start.json").read_text())
-  return {name for name, (action, _) in decisions.items() if action != "reuse"}
 
 
 def _chunk_stamps(workdir: pathlib.Path) -> dict[str, int]:
   return {p.name: p.stat().st_mtime_ns for p in sorted((workdir / "features").glob("*.npz"))}
 
 
-def _assert_same_outputs(workdir: pathlib.Path, reference: pathlib.Path) -> None:
-  for folder in ("masks", "predictions"):
-    ours, theirs = _pngs(workdir / folder), _pngs(reference / folder)
-    assert ours.keys() == theirs.keys(), folder
-    for name, image in ours.items():
-      np.testing.assert_array_equal(image, theirs[name], err_msg=f"{folder}/{name}")
-  ours, theirs = (json.loads((w / "metrics.json").read_text()) for w in (workdir, reference))
-  for key in ("num_images", "fg_fraction", "effective"):
-    assert ours[key] == theirs[key], key
 
 
 @pytest.fixture(scope="module")
@@ -66,10 +52,10 @@ def test_three_photos_run_with_a_voc_config(photos):
   folder, workdir = photos
   metrics = json.loads((workdir / "metrics.json").read_text())
   assert metrics["num_images"] == 3 and "miou" not in metrics
-  regions = sum(int(np.any(m)) for m in _pngs(workdir / "masks").values())  # one region per non-empty mask
+  regions = sum(int(np.any(m)) for m in fixtures.read_pngs(workdir / "masks").values())  # one region per non-empty mask
   assert metrics["effective"] == {"num_categories": 3, "num_classes": min(20, regions)}
   assert metrics["config"]["method"]["num_categories"] == 20  # the config as given, next to what was used
-  predictions = _pngs(workdir / "predictions")
+  predictions = fixtures.read_pngs(workdir / "predictions")
   assert {name[:-4]: p.shape for name, p in predictions.items()} == PHOTOS
   assert all(p.max() <= metrics["effective"]["num_classes"] for p in predictions.values())
 
@@ -86,7 +72,7 @@ def _moved(photos, tmp_path):
 def test_moved_folder_reuses_everything(photos, tmp_path):
   folder, workdir = _moved(photos, tmp_path)
   runner.run(_config(folder), workdir)
-  assert _ran(workdir) == {"report"}
+  assert fixtures.passes_run(workdir) == {"report"}
 
 
 @pytest.mark.slow
@@ -102,13 +88,13 @@ def test_changed_folder_equals_a_fresh_run(photos, tmp_path, edit):
     fixtures.make_photo_folder(folder, {"f": PHOTOS["f"]}, seed=7)
     unchanged = {"000000.npz"}
   runner.run(_config(folder), workdir)
-  assert _ran(workdir) == {"features", "dataset_level", "category_level", "image_level", "refinement",
+  assert fixtures.passes_run(workdir) == {"features", "dataset_level", "category_level", "image_level", "refinement",
                            "descriptors", "classes", "predictions", "report"}
   after = _chunk_stamps(workdir)
   assert {name for name in before if after.get(name) == before[name]} == unchanged
   fresh = tmp_path / "fresh"
   runner.run(_config(folder), fresh)
-  _assert_same_outputs(workdir, fresh)
+  fixtures.assert_same_segmentation(workdir, fresh, ("num_images", "fg_fraction", "effective"))
   for name in after:  # the reused chunks hold exactly what a fresh run computes
     with np.load(workdir / "features" / name) as ours, np.load(fresh / "features" / name) as theirs:
       assert sorted(ours.files) == sorted(theirs.files)
@@ -145,7 +131,7 @@ def test_folder_of_awkward_images_with_the_binary(tmp_path):
                        cwd=ROOT, env=dict(os.environ, JAX_PLATFORMS="cpu"), capture_output=True, text=True,
                        timeout=600)
   assert out.returncode == 0, out.stderr[-4000:]
-  predictions = _pngs(workdir / "predictions")
+  predictions = fixtures.read_pngs(workdir / "predictions")
   assert {name[:-4]: p.shape for name, p in predictions.items()} == sizes
   metrics = json.loads((workdir / "metrics.json").read_text())
   assert "miou" not in metrics and metrics["num_images"] == len(sizes)

@@ -47,29 +47,14 @@ def _run(workdir, *flags, timeout=600):
   return out
 
 
-def _pngs(folder: pathlib.Path) -> dict[str, np.ndarray]:
-  return {str(p.relative_to(folder)): np.array(PIL.Image.open(p)) for p in sorted(folder.rglob("*.png"))}
 
 
-def _ran(workdir: pathlib.Path) -> set[str]:
-  """The passes the latest start of workdir ran (the engine's decisions)."""
-  decisions = json.loads((workdir / "manifests" / "last_start.json").read_text())
-  return {name for name, (action, _) in decisions.items() if action != "reuse"}
 
 
 def _metrics(workdir: pathlib.Path) -> dict:
   return json.loads((workdir / "metrics.json").read_text())
 
 
-def _assert_same_outputs(workdir: pathlib.Path, reference: pathlib.Path) -> None:
-  for folder in ("masks", "predictions"):
-    ours, theirs = _pngs(workdir / folder), _pngs(reference / folder)
-    assert ours.keys() == theirs.keys(), folder
-    for name, image in ours.items():
-      np.testing.assert_array_equal(image, theirs[name], err_msg=f"{folder}/{name}")
-  ours, theirs = _metrics(workdir), _metrics(reference)
-  for key in SCORES:
-    assert ours.get(key) == theirs.get(key), key
 
 
 @pytest.fixture(scope="module")
@@ -96,7 +81,7 @@ def clean_run(voc, tmp_path_factory):
 def _check_metrics_against_recomputation(workdir: pathlib.Path, root: pathlib.Path, ids: list[str],
                                          num_classes: int = NUM_CLASSES) -> None:
   metrics = _metrics(workdir)
-  predictions = _pngs(workdir / "predictions")
+  predictions = fixtures.read_pngs(workdir / "predictions")
   assert sorted(predictions) == sorted(f"{i}.png" for i in ids)
   assert metrics["num_images"] == len(ids)
   seg = root / "manual" / "VOCdevkit" / "VOC2012" / "SegmentationClass"
@@ -171,11 +156,11 @@ def test_changed_config_reruns_only_what_depends_on_it(voc, clean_run, tmp_path,
   shutil.copytree(clean_run, workdir)
   features_before = {p.name: p.stat().st_mtime_ns for p in (workdir / "features").iterdir()}
   runner.run(_config(voc, **change), workdir)
-  assert _ran(workdir) == expected | {"report"}
+  assert fixtures.passes_run(workdir) == expected | {"report"}
   assert {p.name: p.stat().st_mtime_ns for p in (workdir / "features").iterdir()} == features_before
   fresh = tmp_path / "fresh"
   runner.run(_config(voc, **change), fresh)
-  _assert_same_outputs(workdir, fresh)
+  fixtures.assert_same_segmentation(workdir, fresh, SCORES)
   _check_metrics_against_recomputation(workdir, root, ids["val"], change.get("method.num_classes", NUM_CLASSES))
 
 
@@ -184,8 +169,8 @@ def test_a_location_or_presentation_change_reuses_everything(voc, clean_run, tmp
   shutil.copytree(clean_run, workdir)
   runner.run(_config(voc, gallery_size=2, **{"model.cache_dir": str(tmp_path / "elsewhere"),
                                              "data.manual_dir": str(tmp_path)}), workdir)
-  assert _ran(workdir) == {"report"}
-  _assert_same_outputs(workdir, clean_run)
+  assert fixtures.passes_run(workdir) == {"report"}
+  fixtures.assert_same_segmentation(workdir, clean_run, SCORES)
 
 
 @pytest.mark.slow
@@ -196,11 +181,11 @@ def test_killed_at_every_pass_boundary_gives_the_same_outputs(voc, clean_run, tm
     out = subprocess.run(_command(workdir, *flags), cwd=ROOT, env=dict(ENV, JAXSEG_TEST_KILL_AFTER=name),
                          capture_output=True, text=True, timeout=600)
     assert out.returncode == -signal.SIGKILL, (name, out.stderr[-3000:])
-    assert _ran(workdir) == set(PASSES[number:]), name  # the passes before it completed in earlier starts
+    assert fixtures.passes_run(workdir) == set(PASSES[number:]), name  # the earlier ones completed
     assert json.loads((workdir / "manifests" / f"{name}.json").read_text())["complete"], name
   _run(workdir, *flags)
-  assert _ran(workdir) == {"report"}
-  _assert_same_outputs(workdir, clean_run)
+  assert fixtures.passes_run(workdir) == {"report"}
+  fixtures.assert_same_segmentation(workdir, clean_run, SCORES)
 
 
 @pytest.mark.slow
@@ -217,7 +202,7 @@ def test_killed_during_refinement_gives_the_same_outputs(voc, clean_run, tmp_pat
   process.wait()
   assert not (workdir / "metrics.json").exists()
   _run(workdir, *flags)
-  _assert_same_outputs(workdir, clean_run)
+  fixtures.assert_same_segmentation(workdir, clean_run, SCORES)
 
 
 def test_missing_weights_offline_gives_one_clear_message(voc, tmp_path):
