@@ -16,6 +16,7 @@ import textwrap
 import time
 
 import numpy as np
+import PIL.Image
 import pytest
 
 import fixtures
@@ -111,7 +112,20 @@ def test_concurrent_segment_run_is_refused_and_first_run_completes(tmp_path):
   assert f"pid {first.pid}" in second.stderr and socket.gethostname() in second.stderr, second.stderr[-3000:]
   assert refused_after < 30, refused_after
   assert first.wait(timeout=600) == 0, (tmp_path / "first.log").read_text()[-3000:]
-  predictions = sorted(p.name for p in (workdir / "predictions").glob("*.png"))
-  assert predictions == [f"{i}.png" for i in range(4)]
-  assert json.loads((workdir / "metrics.json").read_text())["num_images"] == 4
   assert not list(workdir.rglob(".*.tmp"))
+  # Unaffected: the same outputs as a run that had the workdir to itself.
+  alone = tmp_path / "alone"
+  command[3] = f"--workdir={alone}"
+  done = subprocess.run(command, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
+  assert done.returncode == 0, done.stderr[-3000:]
+  for folder in ("predictions", "masks"):
+    got, want = _pngs(workdir / folder), _pngs(alone / folder)
+    assert sorted(got) == [f"{i}.png" for i in range(4)] and got.keys() == want.keys(), folder
+    for name in want:
+      np.testing.assert_array_equal(got[name], want[name], err_msg=f"{folder}/{name}")
+  metrics = [json.loads((w / "metrics.json").read_text()) for w in (workdir, alone)]
+  assert metrics[0]["num_images"] == 4 and metrics[0]["fg_fraction"] == metrics[1]["fg_fraction"]
+
+
+def _pngs(folder: pathlib.Path) -> dict[str, np.ndarray]:
+  return {p.name: np.array(PIL.Image.open(p)) for p in sorted(folder.glob("*.png"))}
