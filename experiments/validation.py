@@ -129,8 +129,12 @@ def _check_model(fields: dict) -> None:
     if fields["image_size"] % patch:
       raise UserError(f"config.image_size={fields['image_size']} is not a multiple of {variant}'s patch size "
                       f"{patch}; e.g. {fields['image_size'] // patch * patch or patch}")
+    depth = models.VARIANTS[variant].depth
+    bad = [b for b in fields.get("blocks", ()) if not -depth <= b < depth]
+    if bad:
+      raise UserError(f"config.blocks {bad} out of range for {variant} (depth {depth}: -{depth} .. {depth - 1})")
   weights = fields["model.weights"]
-  if weights not in WEIGHT_SOURCES and not pathlib.Path(weights).expanduser().is_file():
+  if weights not in WEIGHT_SOURCES and not pathlib.Path(weights).is_file():  # read as given, as the loader does
     raise UserError(f"config.model.weights={weights!r} is neither one of {WEIGHT_SOURCES} nor an existing file")
 
 

@@ -74,6 +74,21 @@ def test_validate_accepts_every_shipped_config():
     validation.validate(common.load_config_file(path))
 
 
+def test_validate_analysis_config_names_backbone_blocks_and_features():
+  config = fixtures.segment_config(ROOT / "configs" / "analyze_voc.py", blocks=(-1, 12))
+  with pytest.raises(UserError, match=r"config.blocks \[12\] out of range for dino_vits8 \(depth 12"):
+    validation.validate(config)
+  config = fixtures.segment_config(ROOT / "configs" / "analyze_voc.py", features=("k", "keys"))
+  with pytest.raises(UserError, match="config.features=.*'keys'"):
+    validation.validate(config)
+  backbones = ("dino_vits8", "dinov2_vits14")
+  config = fixtures.segment_config(ROOT / "configs" / "analyze_voc.py", backbones=backbones, image_size=64)
+  with pytest.raises(UserError, match="config.image_size=64 is not a multiple of dinov2_vits14's patch size 14"):
+    validation.validate(config)
+  validation.validate(fixtures.segment_config(ROOT / "configs" / "analyze_voc.py", backbones=backbones,
+                                              image_size=112))  # lcm(8, 14) * 2
+
+
 def test_validate_rejects_unknown_field_and_workdir_that_is_a_file(tmp_path):
   config = _demo()
   config.method.fusoin = "mean"
