@@ -16,12 +16,13 @@ from experiments import analysis
 from experiments import errors
 from experiments import validation
 from experiments import workdir_lock
-from experiments.common import config_fields
+from experiments.common import load_config_file
 
 _DEFAULT_CONFIG = pathlib.Path(__file__).resolve().parents[1] / "configs" / "analyze_voc.py"
 _CONFIG = errors.define_config_file(
     str(_DEFAULT_CONFIG), "Path to an ml_collections config file (configs/analyze_*.py). Override any "
-    "field with --config.FIELD=VALUE; the fields are: " + ", ".join(config_fields(_DEFAULT_CONFIG)))
+    f"field with --config.FIELD=VALUE; the fields, with {_DEFAULT_CONFIG.name}'s values:\n"
+    + validation.field_help(load_config_file(_DEFAULT_CONFIG)))
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for analysis.csv, analysis.md, figures/ and the "
                                "per-backbone results a restart reuses.")
 flags.mark_flags_as_required(["workdir"])

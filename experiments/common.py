@@ -30,11 +30,6 @@ def config_items(config: dict, prefix: str = ""):
       yield f"{prefix}{key}", value
 
 
-def config_fields(path: str | pathlib.Path) -> list[str]:
-  """Dotted names of every leaf field of a config file, e.g. ['model.variant', 'seed']."""
-  return sorted(name for name, _ in config_items(load_config_file(path).to_dict()))
-
-
 def _create_temp_file(path: pathlib.Path) -> tuple[int, pathlib.Path]:
   """Creates .<name>.<random>.tmp next to path with mode 0666 less the umask (mkstemp's 0600 would stick)."""
   while True:

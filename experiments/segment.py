@@ -22,12 +22,13 @@ from experiments import distributed
 from experiments import errors
 from experiments import runner
 from experiments import validation
-from experiments.common import config_fields
+from experiments.common import load_config_file
 
 _DEFAULT_CONFIG = pathlib.Path(__file__).resolve().parents[1] / "configs" / "demo.py"
 _CONFIG = errors.define_config_file(
     str(_DEFAULT_CONFIG), "Path to an ml_collections config file (configs/*.py). Override any field with "
-    "--config.FIELD=VALUE; the fields are: " + ", ".join(config_fields(_DEFAULT_CONFIG)))
+    f"--config.FIELD=VALUE; the fields, with {_DEFAULT_CONFIG.name}'s values:\n"
+    + validation.field_help(load_config_file(_DEFAULT_CONFIG)))
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for features, predictions, metrics and the gallery.")
 _XLA_CACHE = flags.DEFINE_string(
     "xla_cache_dir", "~/.cache/jaxseg/xla", "Persistent XLA compilation cache (empty: none). The CRF compiles once "

@@ -16,7 +16,6 @@ import ml_collections
 
 from configs import _base
 from configs import analyze_voc
-from experiments import analysis
 from experiments import common
 from experiments import workdir_lock
 from experiments.errors import UserError
@@ -53,8 +52,8 @@ BOUNDS = {
     "data.probe_limit": _at_least(0),
     "method.dataset_k": _at_least(2),
     "method.num_categories": _at_least(1),
-    "method.num_classes": (lambda value: 1 <= value <= 254, "must be in [1, 254] (uint8 labels, 0 = background, "
-                           "255 = ignore)"),
+    "method.num_classes": (lambda value: 1 <= value <= 254, "must be in [1, 254]: uint8 labels, 0 = background, "
+                           "255 = ignore"),
     "method.min_region_area": _at_least(0),
     "method.sample_budget": _at_least(1),
     "method.score_temperature": _positive(),
@@ -80,6 +79,39 @@ BOUNDS = {
     "two_means.tol": _at_least(0),
     "figure_images": _at_least(0),
 }
+
+
+# The fields whose allowed values are not a CHOICES set or a BOUNDS range, in words.
+OTHER_RULES = {
+    "model.variant": "one of models.VARIANTS: " + ", ".join(sorted(models.VARIANTS)),
+    "backbones": "each one of models.VARIANTS",
+    "model.weights": ", ".join(WEIGHT_SOURCES) + " or a checkpoint file",
+    "data.name": ", ".join(DATASETS) + " or folder:/path",
+    "data.split": " or ".join(DATASET_SPLITS) + " for the datasets, sliced too: val[:10]; ignored for folders",
+    "features": "each a feature of experiments.analysis.FEATURES",
+    "blocks": "block indices, negative from the end; () = every block",
+    "image_size": "> 0, a multiple of the patch size",
+}
+
+
+def allowed(field: str) -> str | None:
+  """What a dotted config field accepts, in words, from the tables validate() checks; None if anything."""
+  if field in CHOICES:
+    return "one of " + ", ".join(CHOICES[field])
+  if field in OTHER_RULES:
+    return OTHER_RULES[field]
+  if field in BOUNDS:
+    return BOUNDS[field][1].removeprefix("must be ")
+  return None
+
+
+def field_help(config: ml_collections.ConfigDict) -> str:
+  """One line per field of config: `name=default (allowed values)`, for the binaries' --helpfull."""
+  lines = []
+  for name, value in sorted(_fields(config).items()):
+    rule = allowed(name)
+    lines.append(f"{name}={value!r}" + (f" ({rule})" if rule else ""))
+  return "\n".join(lines)
 
 
 def _fields(config: ml_collections.ConfigDict) -> dict:
@@ -114,9 +146,9 @@ def _check_values(fields: dict) -> None:
   if address and ":" not in address:
     raise UserError(f"config.distributed.coordinator_address={address!r} must be 'host:port'")
   if "features" in fields:
-    unknown = sorted(set(fields["features"]) - set(analysis.FEATURES))
-    if unknown or not fields["features"]:
-      raise UserError(f"config.features={tuple(fields['features'])!r}: each must be one of {analysis.FEATURES}")
+    from experiments.analysis import FEATURES as ANALYSIS_FEATURES  # noqa: PLC0415 - analysis configs only
+    if not fields["features"] or set(fields["features"]) - set(ANALYSIS_FEATURES):
+      raise UserError(f"config.features={tuple(fields['features'])!r}: each must be one of {ANALYSIS_FEATURES}")
 
 
 def _check_model(fields: dict) -> None:
