@@ -11,7 +11,8 @@ its fields and inputs (to say what changed) and whether it completed:
 so a changed pass and everything downstream of it runs, and nothing else. The engine also owns the workdir
 lock (for the whole run), the stale temp-file cleanup (under the lock), and the multi-host choreography:
 process 0 plans and writes the manifests; per-chunk passes run on every process between barriers;
-dataset-wide passes run on process 0 first, then on the others, which find them current and read them.
+dataset-wide passes run on process 0 alone (so they must not call collectives such as ctx.params()),
+and the later passes of every process read their outputs from the shared workdir.
 A test hook, JAXSEG_TEST_KILL_AFTER=<pass>, SIGKILLs the process right after that pass completes.
 """
 
@@ -138,10 +139,8 @@ def execute(graph, ctx: RunContext, roots: dict[str, Root]) -> dict[str, tuple[s
       continue
     distributed.barrier(f"before {p.name}")  # the previous passes' files are visible to every process
     start = time.perf_counter()
-    if p.per_chunk:
+    if p.per_chunk or ctx.is_main:  # the other processes read a dataset-wide pass's outputs from the workdir
       p.run(ctx)
-    else:
-      distributed.main_first(p.name, lambda p=p: p.run(ctx))
     distributed.barrier(f"after {p.name}")
     if ctx.is_main:
       seconds = time.perf_counter() - start

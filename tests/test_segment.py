@@ -29,7 +29,8 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 ENV = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3")
 NUM_CLASSES = 3
 SMALL = {"model.weights": "random", "image_size": 56, "batch_size": 2, "method.num_classes": NUM_CLASSES,
-         "method.num_categories": 2, "crf.iterations": 5, "gallery_size": 4}
+         "method.num_categories": 2, "crf.iterations": 5, "gallery_size": 4,
+         "method.sample_budget": 40}  # < the 80 patches: the levels depend on the sampling keys
 PASSES = ("features", "dataset_level", "category_level", "image_level", "refinement", "descriptors", "classes",
           "predictions", "report")
 SCORES = ("miou", "pixel_accuracy", "fg_iou", "fg_iou_levels", "per_class_iou", "num_images", "fg_fraction",

@@ -32,8 +32,8 @@ class Pass:
     fields: ctx -> {dotted config name: value} of every config value its outputs depend on.
     outputs: workdir paths (folders or files) it writes; deleted when its fingerprint changes.
     run: ctx -> None; writes the outputs, skipping units already current (a resumed run).
-    per_chunk: runs on every process over its own chunks; else on process 0 first, then the others
-      (which find its outputs current and only read them).
+    per_chunk: runs on every process over its own chunks; else on process 0 alone (no collectives),
+      and the others read its outputs from the workdir.
     keeps_units: its units carry their own fingerprints (features chunks depend only on their images),
       so a changed fingerprint recomputes only the units that changed instead of deleting the outputs.
     always: runs on every start (the report: cheap, shows the current config and timings).
