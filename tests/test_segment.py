@@ -11,6 +11,7 @@ import os
 import pathlib
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -203,6 +204,25 @@ def test_killed_during_refinement_gives_the_same_outputs(voc, clean_run, tmp_pat
   process.wait()
   assert not (workdir / "metrics.json").exists()
   _run(workdir, *flags)
+  fixtures.assert_same_segmentation(workdir, clean_run, SCORES)
+
+
+@pytest.mark.slow
+def test_two_processes_give_the_same_outputs(voc, clean_run, tmp_path):
+  """jax.distributed with 2 CPU processes on one workdir: each computes its chunks, process 0 the rest."""
+  *_, flags = voc
+  workdir = tmp_path / "shared"
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    port = s.getsockname()[1]
+  processes = [subprocess.Popen(_command(workdir, *flags, f"--config.distributed.coordinator_address=localhost:{port}",
+                                         "--config.distributed.num_processes=2",
+                                         f"--config.distributed.process_id={i}"),
+                                cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+               for i in range(2)]
+  for process in processes:
+    _, stderr = process.communicate(timeout=600)
+    assert process.returncode == 0, stderr[-3000:]
   fixtures.assert_same_segmentation(workdir, clean_run, SCORES)
 
 

@@ -11,6 +11,7 @@ import functools
 import hashlib
 import json
 import pathlib
+import zipfile
 
 import jax
 import ml_collections
@@ -177,7 +178,7 @@ def recorded_fingerprint(path: pathlib.Path) -> str | None:
         return image.info.get(FINGERPRINT)
     with np.load(path, allow_pickle=False) as f:
       return str(f[FINGERPRINT]) if FINGERPRINT in f.files else None
-  except (OSError, ValueError, KeyError):
+  except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):  # a foreign or damaged file: not current
     return None
 
 
