@@ -6,6 +6,7 @@ its fields and inputs (to say what changed) and whether it completed:
 
     fingerprint equal, complete     reuse            the outputs are those of the current inputs
     fingerprint equal, incomplete   resume           its units carry the fingerprint: current ones are kept
+      (or outputs missing)
     fingerprint changed             recompute        outputs deleted first (a kill then recomputes again)
 
 so a changed pass and everything downstream of it runs, and nothing else. The engine also owns the workdir
@@ -105,10 +106,14 @@ def plan(graph, ctx: RunContext, roots: dict[str, Root]) -> dict[str, tuple[str,
     fingerprint = fingerprints[p.name] = ctx.fingerprints[p.name] = digest([ctx.field_digests[p.name], inputs])
     previous = _read(_manifest_path(ctx, p.name))
     same = previous is not None and previous.get("fingerprint") == fingerprint
+    missing = [str(path.relative_to(ctx.workdir)) for path in [ctx.workdir / o for o in p.outputs] + p.units(ctx)
+               if not path.exists()]
     if p.always:
       action, reason = "run", "always"
-    elif same and previous.get("complete"):
+    elif same and previous.get("complete") and not missing:
       action, reason = "reuse", ""
+    elif same and missing:  # deleted by hand: its units are checked one by one
+      action, reason = "resume", f"{', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''} missing"
     elif same:
       action, reason = "resume", "an earlier run stopped in it"
     else:

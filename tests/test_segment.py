@@ -175,6 +175,18 @@ def test_a_location_or_presentation_change_reuses_everything(voc, clean_run, tmp
   fixtures.assert_same_segmentation(workdir, clean_run, SCORES)
 
 
+def test_outputs_deleted_by_hand_are_remade(voc, clean_run, tmp_path):
+  """As the old error message advised: delete the classes and descriptors (and a prediction) to relabel."""
+  workdir = tmp_path / "deleted"
+  shutil.copytree(clean_run, workdir)
+  shutil.rmtree(workdir / "descriptors")
+  (workdir / "levels" / "classes.npz").unlink()
+  next((workdir / "predictions").glob("*.png")).unlink()
+  runner.run(_config(voc), workdir)
+  assert fixtures.passes_run(workdir) == {"descriptors", "classes", "predictions", "report"}
+  fixtures.assert_same_segmentation(workdir, clean_run, SCORES)
+
+
 @pytest.mark.slow
 def test_killed_at_every_pass_boundary_gives_the_same_outputs(voc, clean_run, tmp_path):
   *_, flags = voc
