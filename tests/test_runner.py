@@ -6,6 +6,7 @@ import json
 import os
 import pathlib
 import shutil
+import signal
 import subprocess
 import sys
 
@@ -102,6 +103,28 @@ def test_changed_folder_equals_a_fresh_run(photos, tmp_path, edit):
         np.testing.assert_array_equal(ours[member], theirs[member], err_msg=f"{name}:{member}")
 
 
+def _segment(workdir: pathlib.Path, config: str, folder: pathlib.Path, *flags: str, env=None):
+  command = [sys.executable, "-m", "experiments.segment", f"--workdir={workdir}", f"--config={config}",
+             f"--config.data.name=folder:{folder}", *(f"--config.{k}={v}" for k, v in SMALL.items()), *flags]
+  return subprocess.run(command, cwd=ROOT, env=dict(os.environ, JAX_PLATFORMS="cpu", **(env or {})),
+                        capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.slow
+def test_image_added_after_a_kill_equals_a_fresh_run(tmp_path):
+  """The issue's case: killed after the features, an image sorting into the middle added, resumed."""
+  folder = fixtures.make_photo_folder(tmp_path / "photos", PHOTOS)
+  workdir = tmp_path / "work"
+  out = _segment(workdir, "configs/voc_dinov2_vits14.py", folder, env={"JAXSEG_TEST_KILL_AFTER": "features"})
+  assert out.returncode == -signal.SIGKILL, out.stderr[-3000:]
+  fixtures.make_photo_folder(folder, {"c": (36, 60)}, seed=5)
+  runner.run(_config(folder), workdir)
+  fresh = tmp_path / "fresh"
+  runner.run(_config(folder), fresh)
+  fixtures.assert_same_segmentation(workdir, fresh, ("num_images", "fg_fraction", "effective"))
+  assert json.loads((workdir / "metrics.json").read_text())["num_images"] == 4
+
+
 def _awkward_folder(root: pathlib.Path) -> dict[str, tuple[int, int]]:
   rng = np.random.default_rng(0)
   images = {
@@ -125,11 +148,7 @@ def test_folder_of_awkward_images_with_the_binary(tmp_path):
   folder.mkdir()
   sizes = _awkward_folder(folder)
   workdir = tmp_path / "work"
-  flags = [f"--config.{k}={v}" for k, v in SMALL.items()]
-  out = subprocess.run([sys.executable, "-m", "experiments.segment", f"--workdir={workdir}", "--config=configs/demo.py",
-                        f"--config.data.name=folder:{folder}", *flags, "--config.method.num_classes=2"],
-                       cwd=ROOT, env=dict(os.environ, JAX_PLATFORMS="cpu"), capture_output=True, text=True,
-                       timeout=600)
+  out = _segment(workdir, "configs/demo.py", folder, "--config.method.num_classes=2")
   assert out.returncode == 0, out.stderr[-4000:]
   predictions = fixtures.read_pngs(workdir / "predictions")
   assert {name[:-4]: p.shape for name, p in predictions.items()} == sizes
