@@ -65,7 +65,7 @@ from jaxseg.framework.features import PatchFeatures
 from jaxseg.framework.features import border_patches
 from jaxseg.framework.features import patch_features
 from jaxseg.framework.features import unit_length
-from jaxseg.framework.pipeline import segment_features
+from jaxseg.framework.compose import segment_features
 
 FEATURES = ("q", "k", "v", "tokens", "cls-attention")
 SCORES = ("two_means_prior_iou", "two_means_oracle_iou", "probe_accuracy", "probe_iou")

@@ -1,24 +1,28 @@
 r"""Measure which backbone, block and feature separates foreground from background (DINO vs DINOv2).
 
   python -m experiments.analyze_features --config=configs/analyze_voc.py --workdir=/tmp/jaxseg_analyze_voc
+
+A user error (bad config value, bad data or weights file, a workdir in use by another run) ends
+with one line `error: ...` and exit status 2; --verbosity=1 also prints its traceback.
 """
 
 import pathlib
-import sys
 
 from absl import app
 from absl import flags
 from absl import logging
-from ml_collections import config_flags
 
 from experiments import analysis
-from experiments.common import config_fields
-from jaxseg import models
+from experiments import errors
+from experiments import validation
+from experiments import workdir_lock
+from experiments.common import load_config_file
 
 _DEFAULT_CONFIG = pathlib.Path(__file__).resolve().parents[1] / "configs" / "analyze_voc.py"
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", str(_DEFAULT_CONFIG), "Path to an ml_collections config file (configs/analyze_*.py). Override any "
-    "field with --config.FIELD=VALUE; the fields are: " + ", ".join(config_fields(_DEFAULT_CONFIG)), lock_config=True)
+_CONFIG = errors.define_config_file(
+    str(_DEFAULT_CONFIG), "Path to an ml_collections config file (configs/analyze_*.py). Override any "
+    f"field with --config.FIELD=VALUE; the fields, with {_DEFAULT_CONFIG.name}'s values:\n"
+    + validation.field_help(load_config_file(_DEFAULT_CONFIG)))
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for analysis.csv, analysis.md, figures/ and the "
                                "per-backbone results a restart reuses.")
 flags.mark_flags_as_required(["workdir"])
@@ -26,16 +30,14 @@ flags.mark_flags_as_required(["workdir"])
 
 def main(argv):
   if len(argv) > 1:
-    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    raise app.UsageError(f"unexpected arguments {argv[1:]}")
+  validation.validate(_CONFIG.value, _WORKDIR.value)
   logging.info("workdir: %s", _WORKDIR.value)
   logging.info("config:\n%s", _CONFIG.value)
-  try:
+  with workdir_lock.hold(_WORKDIR.value):  # analysis.run removes stale temp files: only under the lock
     rows = analysis.run(_CONFIG.value, _WORKDIR.value)
-  except models.WeightsUnavailableError as e:
-    logging.error("%s", e)
-    sys.exit(f"error: {e}")
   logging.info("done: %d rows; see %s/analysis.md and figures/", len(rows), _WORKDIR.value)
 
 
 if __name__ == "__main__":
-  app.run(main)
+  errors.run_main(main)

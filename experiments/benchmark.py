@@ -12,6 +12,8 @@ import importlib
 from absl import app
 from absl import flags
 
+from experiments import errors
+
 BENCHMARKS = ("vit", "kmeans", "crf", "split", "data", "pipeline", "scale")
 
 _ONLY = flags.DEFINE_list("only", list(BENCHMARKS), f"Which benchmarks to run, from {BENCHMARKS}.")
@@ -22,10 +24,20 @@ def main(argv):
   unknown = sorted(set(_ONLY.value) - set(BENCHMARKS))
   if unknown:
     raise app.UsageError(f"Unknown benchmark(s) {unknown}; choose from {BENCHMARKS}.")
+  # The reference implementations compared against: module -> pip package (in the test extra).
+  references = {"torch": "torch", "transformers": "transformers", "sklearn": "scikit-learn",
+                "pydensecrf": "pydensecrf2", "psutil": "psutil"}
   for name in _ONLY.value:
     print(f"== {name}", flush=True)
-    importlib.import_module(f"experiments.benchmarks.{name}").run()
+    try:
+      importlib.import_module(f"experiments.benchmarks.{name}").run()
+    except ModuleNotFoundError as e:
+      missing = (e.name or "").split(".")[0]
+      if missing not in references:
+        raise
+      raise errors.UserError(f"benchmark {name!r} compares against {references[missing]}, which is not installed; "
+                             "install the test extra: pip install -e '.[test]'") from e
 
 
 if __name__ == "__main__":
-  app.run(main)
+  errors.run_main(main)

@@ -5,10 +5,11 @@ import io
 import json
 import os
 import pathlib
-import tempfile
+import secrets
 
 import numpy as np
 import PIL.Image
+import PIL.PngImagePlugin
 
 
 def load_config_file(path: str | pathlib.Path):
@@ -29,16 +30,24 @@ def config_items(config: dict, prefix: str = ""):
       yield f"{prefix}{key}", value
 
 
-def config_fields(path: str | pathlib.Path) -> list[str]:
-  """Dotted names of every leaf field of a config file, e.g. ['model.variant', 'seed']."""
-  return sorted(name for name, _ in config_items(load_config_file(path).to_dict()))
+def _create_temp_file(path: pathlib.Path) -> tuple[int, pathlib.Path]:
+  """Creates .<name>.<random>.tmp next to path with mode 0666 less the umask (mkstemp's 0600 would stick)."""
+  while True:
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+    try:
+      return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), tmp
+    except FileExistsError:
+      continue
 
 
 def atomic_write_bytes(path: str | pathlib.Path, data: bytes) -> None:
-  """Writes data to path so that readers see the old file or the whole new one, never a part."""
+  """Writes data to path so that readers see the old file or the whole new one, never a part.
+
+  The file gets the usual mode (0666 less the umask: 0644 under umask 022), so outputs can be shared.
+  """
   path = pathlib.Path(path)
   path.parent.mkdir(parents=True, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+  fd, tmp = _create_temp_file(path)
   try:
     with os.fdopen(fd, "wb") as f:
       f.write(data)
@@ -66,16 +75,23 @@ def save_json(path: str | pathlib.Path, obj) -> None:
   atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
 
 
-def save_png(path: str | pathlib.Path, array: np.ndarray, palette: np.ndarray | None = None) -> None:
-  """Writes a uint8 image ([H, W] or [H, W, 3]) as PNG atomically; with a palette [256, 3] as a palette PNG."""
+def save_png(path: str | pathlib.Path, array: np.ndarray, palette: np.ndarray | None = None,
+             text: dict[str, str] | None = None) -> None:
+  """Writes a uint8 image ([H, W] or [H, W, 3]) as PNG atomically; with a palette [256, 3] as a palette PNG.
+
+  text: PNG text chunks, written before the pixels (PIL's Image.info has them without decoding).
+  """
   array = np.ascontiguousarray(array, np.uint8)
   if palette is None:
     image = PIL.Image.fromarray(array)
   else:
     image = PIL.Image.frombytes("P", (array.shape[1], array.shape[0]), array.tobytes())
     image.putpalette(np.asarray(palette, np.uint8).reshape(-1).tolist())
+  info = PIL.PngImagePlugin.PngInfo()
+  for key, value in (text or {}).items():
+    info.add_text(key, value)
   buffer = io.BytesIO()
-  image.save(buffer, format="PNG")
+  image.save(buffer, format="PNG", pnginfo=info)
   atomic_write_bytes(path, buffer.getvalue())
 
 

@@ -230,3 +230,52 @@ def make_coco(root, *, n_train: int = 2, n_val: int = 4, zipped: bool = True,
         (root / name).parent.mkdir(parents=True, exist_ok=True)
         (root / name).write_bytes(data)
   return ids
+
+
+def segment_config(path, **overrides):
+  """A configs/*.py file's config with dotted-name overrides, e.g. segment_config(p, **{"crf.iterations": 2})."""
+  from experiments import common  # pylint: disable=g-import-not-at-top
+  config = common.load_config_file(path)
+  for name, value in overrides.items():
+    *parents, leaf = name.split(".")
+    node = config
+    for parent in parents:
+      node = node[parent]
+    node[leaf] = value
+  return config
+
+
+def make_photo_folder(root, sizes: dict[str, tuple[int, int]], *, seed: int = 0) -> pathlib.Path:
+  """Writes one JPEG per name (name -> (H, W)) showing rectangles on a gradient, as the VOC fixture draws."""
+  root = pathlib.Path(root)
+  root.mkdir(parents=True, exist_ok=True)
+  rng = np.random.default_rng(seed)
+  for name, (height, width) in sizes.items():
+    image, _ = _voc_example(rng, height, width)
+    (root / f"{name}.jpg").write_bytes(_jpeg(image))
+  return root
+
+
+def read_pngs(folder) -> dict[str, np.ndarray]:
+  """{path relative to folder: PNG pixels (palette indices for palette PNGs)} of every PNG under folder."""
+  folder = pathlib.Path(folder)
+  return {str(p.relative_to(folder)): np.array(Image.open(p)) for p in sorted(folder.rglob("*.png"))}
+
+
+def passes_run(workdir) -> set[str]:
+  """The passes the latest start of a segment workdir ran (the engine's decisions, manifests/last_start.json)."""
+  decisions = json.loads((pathlib.Path(workdir) / "manifests" / "last_start.json").read_text())
+  return {name for name, (action, _) in decisions.items() if action != "reuse"}
+
+
+def assert_same_segmentation(workdir, reference, metric_keys) -> None:
+  """Equal masks/ and predictions/ PNGs, and equal metrics.json values under metric_keys."""
+  workdir, reference = pathlib.Path(workdir), pathlib.Path(reference)
+  for folder in ("masks", "predictions"):
+    ours, theirs = read_pngs(workdir / folder), read_pngs(reference / folder)
+    assert ours.keys() == theirs.keys(), folder
+    for name, image in ours.items():
+      np.testing.assert_array_equal(image, theirs[name], err_msg=f"{folder}/{name}")
+  ours, theirs = (json.loads((w / "metrics.json").read_text()) for w in (workdir, reference))
+  for key in metric_keys:
+    assert ours.get(key) == theirs.get(key), key

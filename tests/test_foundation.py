@@ -8,6 +8,8 @@ import sys
 
 import pytest
 
+from jaxseg.framework.config import FUSIONS
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
@@ -24,6 +26,9 @@ def test_segment_helpfull_lists_config_flags():
   text = out.stdout + out.stderr  # absl exits 1 after printing help
   assert "--config" in text and "--workdir" in text, text
   assert "model.variant" in text and "data.name" in text, text
+  # Each field with demo.py's value and, where restricted, what it accepts.
+  assert f"method.fusion='vote' (one of {', '.join(FUSIONS)})" in text, text
+  assert "crf.bilateral_srgb=3.0 (> 0)" in text and "batch_size=4 (>= 1)" in text, text
 
 
 @pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("[a-z]*.py")), ids=lambda p: p.name)

@@ -1,30 +1,41 @@
-"""The segment binary end to end: a tiny VOC-layout fixture, random weights, resume after a kill.
+"""The segment runner end to end on a tiny VOC-layout fixture with random weights: outputs, resume after a
+kill at every pass boundary, reruns after config changes, and agreement with the in-memory API.
 
-Scores are recomputed here from the written PNGs and the fixture's own mask
-files with numpy and scipy, independently of jaxseg.metrics and jaxseg.data.
+Scores are recomputed here from the written PNGs and the fixture's own mask files with numpy and scipy,
+independently of jaxseg.metrics and jaxseg.data. Runs in this process (experiments.runner.run) share
+compiled programs; the kill tests run the binary, whose outputs must equal the in-process ones.
 """
 
 import json
 import os
 import pathlib
+import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
 
+import jax
 import numpy as np
 import PIL.Image
 import pytest
 import scipy.optimize
 
 import fixtures
+from experiments import runner
+from jaxseg import framework
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 ENV = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3")
 NUM_CLASSES = 3
-SMALL = ["--config.model.weights=random", "--config.image_size=56", "--config.batch_size=2",
-         f"--config.method.num_classes={NUM_CLASSES}", "--config.method.num_categories=2",
-         "--config.crf.iterations=5", "--config.gallery_size=4"]
+SMALL = {"model.weights": "random", "image_size": 56, "batch_size": 2, "method.num_classes": NUM_CLASSES,
+         "method.num_categories": 2, "crf.iterations": 5, "gallery_size": 4,
+         "method.sample_budget": 40}  # < the 80 patches: the levels depend on the sampling keys
+PASSES = ("features", "dataset_level", "category_level", "image_level", "refinement", "descriptors", "classes",
+          "predictions", "report")
+SCORES = ("miou", "pixel_accuracy", "fg_iou", "fg_iou_levels", "per_class_iou", "num_images", "fg_fraction",
+          "effective", "assignment")
 
 
 def _command(workdir, *flags):
@@ -38,46 +49,53 @@ def _run(workdir, *flags, timeout=600):
   return out
 
 
-def _pngs(folder: pathlib.Path) -> dict[str, np.ndarray]:
-  return {str(p.relative_to(folder)): np.array(PIL.Image.open(p)) for p in sorted(folder.rglob("*.png"))}
+
+
+
+
+def _metrics(workdir: pathlib.Path) -> dict:
+  return json.loads((workdir / "metrics.json").read_text())
+
+
 
 
 @pytest.fixture(scope="module")
 def voc(tmp_path_factory):
   root = tmp_path_factory.mktemp("voc")
   ids = fixtures.make_voc_devkit(root / "manual", n_train=1, n_val=5)
-  flags = ["--config=configs/voc_dinov2_vits14.py", f"--config.data.data_dir={root / 'tfds'}",
-           f"--config.data.manual_dir={root / 'manual'}", *SMALL]
-  return root, ids, flags
+  data = {"data.data_dir": str(root / "tfds"), "data.manual_dir": str(root / "manual")}
+  flags = ["--config=configs/voc_dinov2_vits14.py", *(f"--config.{k}={v}" for k, v in {**data, **SMALL}.items())]
+  return root, ids, data, flags
+
+
+def _config(voc, **changes):
+  _, _, data, _ = voc
+  return fixtures.segment_config(ROOT / "configs" / "voc_dinov2_vits14.py", **{**data, **SMALL, **changes})
 
 
 @pytest.fixture(scope="module")
 def clean_run(voc, tmp_path_factory):
-  _, _, flags = voc
   workdir = tmp_path_factory.mktemp("clean")
-  _run(workdir, *flags)
+  runner.run(_config(voc), workdir)
   return workdir
 
 
-@pytest.mark.slow
-def test_outputs_and_metrics_match_recomputation(voc, clean_run):
-  root, ids, _ = voc
-  metrics = json.loads((clean_run / "metrics.json").read_text())
-  predictions = _pngs(clean_run / "predictions")
-  assert sorted(predictions) == sorted(f"{i}.png" for i in ids["val"])
-  assert metrics["num_images"] == len(ids["val"])
-  assert (clean_run / "gallery.html").exists()
-
+def _check_metrics_against_recomputation(workdir: pathlib.Path, root: pathlib.Path, ids: list[str],
+                                         num_classes: int = NUM_CLASSES) -> None:
+  metrics = _metrics(workdir)
+  predictions = fixtures.read_pngs(workdir / "predictions")
+  assert sorted(predictions) == sorted(f"{i}.png" for i in ids)
+  assert metrics["num_images"] == len(ids)
   seg = root / "manual" / "VOCdevkit" / "VOC2012" / "SegmentationClass"
-  cm = np.zeros((NUM_CLASSES + 1, 21), np.int64)
+  cm = np.zeros((num_classes + 1, 21), np.int64)
   inter = union = 0
-  for image_id in ids["val"]:
+  for image_id in ids:
     gt = np.array(PIL.Image.open(seg / f"{image_id}.png"))
     pred = predictions[f"{image_id}.png"]
-    assert pred.shape == gt.shape and pred.max() <= NUM_CLASSES
+    assert pred.shape == gt.shape and pred.max() <= num_classes
     counted = gt != 255
     np.add.at(cm, (pred[counted], gt[counted]), 1)
-    mask = np.array(PIL.Image.open(clean_run / "masks" / f"{image_id}.png")).astype(bool)
+    mask = np.array(PIL.Image.open(workdir / "masks" / f"{image_id}.png")).astype(bool)
     assert np.array_equal(mask, pred > 0)
     inter += np.sum(mask & (gt > 0) & counted)
     union += np.sum((mask | (gt > 0)) & counted)
@@ -85,17 +103,108 @@ def test_outputs_and_metrics_match_recomputation(voc, clean_run):
   present = cm.sum(0) > 0
   iou = np.zeros(21)
   for r, c in zip(rows, cols):
-    iou[c] = cm[r, c] / (cm[r].sum() + cm[:, c].sum() - cm[r, c])
+    iou[c] = cm[r, c] / max(cm[r].sum() + cm[:, c].sum() - cm[r, c], 1)
   assert metrics["miou"] == pytest.approx(iou[present].mean(), abs=1e-9)
   assert metrics["pixel_accuracy"] == pytest.approx(cm[rows, cols].sum() / cm.sum(), abs=1e-9)
   assert metrics["fg_iou"] == pytest.approx(inter / union, abs=1e-9)
-  assert set(metrics["fg_iou_levels"]) == {"dataset", "category", "image", "fused", "refined"}
-  assert set(metrics["seconds"]) >= {"features", "dataset_level", "category_level", "refinement", "labeling"}
 
 
 @pytest.mark.slow
-def test_killed_and_restarted_gives_same_outputs(voc, clean_run, tmp_path):
-  _, _, flags = voc
+def test_outputs_and_metrics_match_recomputation(voc, clean_run):
+  root, ids, _, _ = voc
+  _check_metrics_against_recomputation(clean_run, root, ids["val"])
+  metrics = _metrics(clean_run)
+  assert (clean_run / "gallery.html").exists()
+  assert set(metrics["fg_iou_levels"]) == {"dataset", "category", "image", "fused", "refined"}
+  assert set(metrics["seconds"]) == set(PASSES) - {"report"}
+  assert metrics["effective"] == {"num_categories": 2, "num_classes": NUM_CLASSES}
+
+
+@pytest.mark.slow
+def test_in_memory_api_gives_the_runners_levels_and_masks(voc, clean_run):
+  """framework.segment_features on the runner's cached features, with its seed and batch size."""
+  root, ids, _, _ = voc
+  config = _config(voc)
+  method = runner.method_config(config)
+  features, cached_ids = runner.feature_cache(clean_run)
+  result = framework.segment_features(features, method, key=jax.random.key(config.seed), batch_size=config.batch_size)
+  levels = clean_run / "levels"
+  with np.load(levels / "dataset.npz") as dataset, np.load(levels / "category.npz") as category:
+    np.testing.assert_array_equal(dataset["foreground"], result.dataset.foreground)
+    np.testing.assert_allclose(dataset["centroids"], result.dataset.centroids, atol=1e-6)
+    np.testing.assert_allclose(dataset["prototypes"], result.dataset.prototypes, atol=1e-6)
+    np.testing.assert_allclose(category["centroids"], result.category_centroids, atol=1e-6)
+    np.testing.assert_allclose(category["prototypes"], result.category_prototypes, atol=1e-6)
+  margins = [np.load(path) for path in sorted((clean_run / "margins").glob("*.npz"))]
+  fg_prob = np.concatenate([m["fg_prob"] for m in margins])[:len(ids["val"])]
+  np.testing.assert_allclose(fg_prob, result.fg_prob, atol=1e-6)
+  images = root / "manual" / "VOCdevkit" / "VOC2012" / "JPEGImages"
+  for position, image_id in enumerate(cached_ids):
+    image = np.array(PIL.Image.open(images / f"{image_id}.jpg").convert("RGB"))
+    mask = np.asarray(framework.refine(image, result.fg_prob[position], method.crf))
+    np.testing.assert_array_equal(mask, np.array(PIL.Image.open(clean_run / "masks" / f"{image_id}.png")) > 0,
+                                  err_msg=image_id)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("change, expected", [
+    ({"method.num_classes": 2}, {"classes", "predictions"}),
+    ({"method.fusion": "intersection"}, {"image_level", "refinement", "descriptors", "classes", "predictions"}),
+    ({"crf.iterations": 2}, {"refinement", "descriptors", "classes", "predictions"}),
+], ids=lambda v: ",".join(v) if isinstance(v, dict) else None)
+def test_changed_config_reruns_only_what_depends_on_it(voc, clean_run, tmp_path, change, expected):
+  root, ids, _, _ = voc
+  workdir = tmp_path / "changed"
+  shutil.copytree(clean_run, workdir)
+  features_before = {p.name: p.stat().st_mtime_ns for p in (workdir / "features").iterdir()}
+  runner.run(_config(voc, **change), workdir)
+  assert fixtures.passes_run(workdir) == expected | {"report"}
+  assert {p.name: p.stat().st_mtime_ns for p in (workdir / "features").iterdir()} == features_before
+  fresh = tmp_path / "fresh"
+  runner.run(_config(voc, **change), fresh)
+  fixtures.assert_same_segmentation(workdir, fresh, SCORES)
+  _check_metrics_against_recomputation(workdir, root, ids["val"], change.get("method.num_classes", NUM_CLASSES))
+
+
+def test_a_location_or_presentation_change_reuses_everything(voc, clean_run, tmp_path):
+  workdir = tmp_path / "moved"
+  shutil.copytree(clean_run, workdir)
+  runner.run(_config(voc, gallery_size=2, **{"model.cache_dir": str(tmp_path / "elsewhere"),
+                                             "data.manual_dir": str(tmp_path)}), workdir)
+  assert fixtures.passes_run(workdir) == {"report"}
+  fixtures.assert_same_segmentation(workdir, clean_run, SCORES)
+
+
+def test_outputs_deleted_by_hand_are_remade(voc, clean_run, tmp_path):
+  """As the old error message advised: delete the classes and descriptors (and a prediction) to relabel."""
+  workdir = tmp_path / "deleted"
+  shutil.copytree(clean_run, workdir)
+  shutil.rmtree(workdir / "descriptors")
+  (workdir / "levels" / "classes.npz").unlink()
+  next((workdir / "predictions").glob("*.png")).unlink()
+  runner.run(_config(voc), workdir)
+  assert fixtures.passes_run(workdir) == {"descriptors", "classes", "predictions", "report"}
+  fixtures.assert_same_segmentation(workdir, clean_run, SCORES)
+
+
+@pytest.mark.slow
+def test_killed_at_every_pass_boundary_gives_the_same_outputs(voc, clean_run, tmp_path):
+  *_, flags = voc
+  workdir = tmp_path / "killed"
+  for number, name in enumerate(PASSES):
+    out = subprocess.run(_command(workdir, *flags), cwd=ROOT, env=dict(ENV, JAXSEG_TEST_KILL_AFTER=name),
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == -signal.SIGKILL, (name, out.stderr[-3000:])
+    assert fixtures.passes_run(workdir) == set(PASSES[number:]), name  # the earlier ones completed
+    assert json.loads((workdir / "manifests" / f"{name}.json").read_text())["complete"], name
+  _run(workdir, *flags)
+  assert fixtures.passes_run(workdir) == {"report"}
+  fixtures.assert_same_segmentation(workdir, clean_run, SCORES)
+
+
+@pytest.mark.slow
+def test_killed_during_refinement_gives_the_same_outputs(voc, clean_run, tmp_path):
+  *_, flags = voc
   workdir = tmp_path / "resumed"
   process = subprocess.Popen(_command(workdir, *flags), cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL,
                              stderr=subprocess.DEVNULL)
@@ -107,56 +216,30 @@ def test_killed_and_restarted_gives_same_outputs(voc, clean_run, tmp_path):
   process.wait()
   assert not (workdir / "metrics.json").exists()
   _run(workdir, *flags)
-  assert _pngs(workdir / "predictions").keys() == _pngs(clean_run / "predictions").keys()
-  for name, pred in _pngs(workdir / "predictions").items():
-    np.testing.assert_array_equal(pred, _pngs(clean_run / "predictions")[name], err_msg=name)
-  resumed, clean = (json.loads((w / "metrics.json").read_text()) for w in (workdir, clean_run))
-  for key in ("miou", "pixel_accuracy", "fg_iou", "fg_iou_levels", "per_class_iou", "num_images"):
-    assert resumed[key] == clean[key], key
-
-
-def test_rerun_with_other_config_is_refused(voc, clean_run):
-  _, _, flags = voc
-  out = subprocess.run(_command(clean_run, *flags, "--config.method.fusion=mean"), cwd=ROOT, env=ENV,
-                       capture_output=True, text=True, timeout=600)
-  assert out.returncode != 0
-  assert "different config" in out.stderr and "method" in out.stderr
-
-
-def _awkward_folder(root: pathlib.Path) -> dict[str, tuple[int, int]]:
-  rng = np.random.default_rng(0)
-  images = {
-      "gray.png": PIL.Image.fromarray(rng.integers(0, 255, (40, 50), np.uint8), "L"),
-      "rgba.png": PIL.Image.fromarray(rng.integers(0, 255, (30, 60, 4), np.uint8), "RGBA"),
-      "deep16.png": PIL.Image.fromarray(rng.integers(0, 65535, (45, 35), np.uint16)),
-      "tiny.png": PIL.Image.fromarray(np.full((1, 1, 3), 200, np.uint8)),
-      "large.jpg": PIL.Image.fromarray(np.kron(rng.integers(0, 255, (30, 40, 3), np.uint8),
-                                               np.ones((100, 100, 1), np.uint8))),
-  }
-  sizes = {}
-  for name, image in images.items():
-    image.save(root / name)
-    sizes[name.rsplit(".", 1)[0]] = (image.height, image.width)
-  return sizes
+  fixtures.assert_same_segmentation(workdir, clean_run, SCORES)
 
 
 @pytest.mark.slow
-def test_folder_of_awkward_images(tmp_path):
-  folder = tmp_path / "photos"
-  folder.mkdir()
-  sizes = _awkward_folder(folder)
-  workdir = tmp_path / "work"
-  _run(workdir, "--config=configs/demo.py", f"--config.data.name=folder:{folder}", *SMALL,
-       "--config.method.num_classes=2")
-  predictions = _pngs(workdir / "predictions")
-  assert {name[:-4]: p.shape for name, p in predictions.items()} == sizes
-  metrics = json.loads((workdir / "metrics.json").read_text())
-  assert "miou" not in metrics and metrics["num_images"] == len(sizes)
-  assert 0.0 <= metrics["fg_fraction"]["refined"] <= 1.0
+def test_two_processes_give_the_same_outputs(voc, clean_run, tmp_path):
+  """jax.distributed with 2 CPU processes on one workdir: each computes its chunks, process 0 the rest."""
+  *_, flags = voc
+  workdir = tmp_path / "shared"
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    port = s.getsockname()[1]
+  processes = [subprocess.Popen(_command(workdir, *flags, f"--config.distributed.coordinator_address=localhost:{port}",
+                                         "--config.distributed.num_processes=2",
+                                         f"--config.distributed.process_id={i}"),
+                                cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+               for i in range(2)]
+  for process in processes:
+    _, stderr = process.communicate(timeout=600)
+    assert process.returncode == 0, stderr[-3000:]
+  fixtures.assert_same_segmentation(workdir, clean_run, SCORES)
 
 
 def test_missing_weights_offline_gives_one_clear_message(voc, tmp_path):
-  _, _, flags = voc
+  *_, flags = voc
   workdir = tmp_path / "work"
   env = dict(ENV, JAXSEG_CACHE=str(tmp_path / "cache"))
   flags = [f for f in flags if not f.startswith("--config.model.weights")] + ["--config.model.weights=hf"]
@@ -164,4 +247,4 @@ def test_missing_weights_offline_gives_one_clear_message(voc, tmp_path):
   assert out.returncode != 0
   assert "huggingface.co" in out.stderr and str(tmp_path / "cache") in out.stderr
   assert "Traceback" not in out.stderr
-  assert not workdir.exists() or not any(workdir.iterdir())
+  assert not any((workdir / "features").glob("*.npz"))

@@ -9,7 +9,7 @@ other benchmarks (vit, kmeans, crf); this one shows where the time goes.
 import tempfile
 
 from configs import demo
-from experiments import pipeline
+from experiments import runner
 
 
 def _config(data_dir: str, images: int):
@@ -25,8 +25,8 @@ def _config(data_dir: str, images: int):
 def run(images: int = 8) -> None:
   with tempfile.TemporaryDirectory() as tmp:
     config = _config(f"{tmp}/data", images)
-    pipeline.run(config, f"{tmp}/warmup")
-    metrics = pipeline.run(config, f"{tmp}/timed")
+    runner.run(config, f"{tmp}/warmup")
+    metrics = runner.run(config, f"{tmp}/timed")
   n = metrics["num_images"]
   print(f"pipeline, dinov2_vits14 at 448, {n} scikit-image photographs, steady state (compiled in a first run)")
   for stage, seconds in metrics["seconds"].items():

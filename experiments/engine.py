@@ -1,0 +1,158 @@
+"""The engine: runs a graph of passes over a workdir, recomputing exactly what changed.
+
+Every pass's fingerprint is a hash of its config fields' values and its inputs' fingerprints (the source's
+covers the images). workdir/manifests/<pass>.json records the fingerprint a pass's outputs were made under,
+its fields and inputs (to say what changed) and whether it completed:
+
+    fingerprint equal, complete     reuse            the outputs are those of the current inputs
+    fingerprint equal, incomplete   resume           its units carry the fingerprint: current ones are kept
+      (or outputs missing)
+    fingerprint changed             recompute        outputs deleted first (a kill then recomputes again)
+
+so a changed pass and everything downstream of it runs, and nothing else. The engine also owns the workdir
+lock (for the whole run), the stale temp-file cleanup (under the lock), and the multi-host choreography:
+process 0 plans and writes the manifests; per-chunk passes run on every process between barriers;
+dataset-wide passes run on process 0 alone (so they must not call collectives such as ctx.params()),
+and the later passes of every process read their outputs from the shared workdir.
+A test hook, JAXSEG_TEST_KILL_AFTER=<pass>, SIGKILLs the process right after that pass completes.
+"""
+
+import contextlib
+import json
+import os
+import pathlib
+import shutil
+import signal
+import time
+from collections.abc import Sequence
+from typing import NamedTuple
+
+from absl import logging
+
+from experiments import common
+from experiments import distributed
+from experiments import workdir_lock
+from experiments.passes.context import RunContext
+from experiments.passes.context import digest
+
+MANIFESTS = "manifests"
+KILL_AFTER = "JAXSEG_TEST_KILL_AFTER"
+
+
+class Root(NamedTuple):
+  """An input that is no pass (the source): its fingerprint, and a record kept to explain a change."""
+  fingerprint: str
+  record: object
+  explain: object  # (previous record or None) -> str, e.g. "1 added"
+
+
+@contextlib.contextmanager
+def session(workdir: pathlib.Path, is_main: bool):
+  """Holds the workdir lock (process 0) for the whole run, after removing a killed run's temp files."""
+  with workdir_lock.hold(workdir) if is_main else contextlib.nullcontext():
+    if is_main:
+      workdir_lock.clean_stale_temp_files(workdir)
+    distributed.barrier("start")  # no process writes before the stale files are gone
+    yield
+
+
+def _manifest_path(ctx: RunContext, name: str) -> pathlib.Path:
+  return ctx.workdir / MANIFESTS / f"{name}.json"
+
+
+def _read(path: pathlib.Path) -> dict | None:
+  try:
+    return json.loads(path.read_text())
+  except (OSError, ValueError):
+    return None
+
+
+def _reason(previous: dict | None, fields: dict, inputs: dict, roots: dict[str, Root]) -> str:
+  if previous is None:
+    return "no earlier run"
+  reasons = []
+  changed = sorted(k for k in fields.keys() | previous.get("fields", {}).keys()
+                   if fields.get(k) != previous["fields"].get(k))
+  if changed:
+    reasons.append(f"config {', '.join(changed)} changed")
+  for name, fingerprint in inputs.items():
+    if previous.get("inputs", {}).get(name) != fingerprint:
+      reasons.append(f"{name} changed" + (f": {roots[name].explain(previous.get('records', {}).get(name))}"
+                                          if name in roots else ""))
+  return "; ".join(reasons) or "fingerprint changed"
+
+
+def _delete(ctx: RunContext, outputs: Sequence[str]) -> None:
+  for output in outputs:
+    path = ctx.workdir / output
+    if path.is_dir():
+      shutil.rmtree(path)
+    else:
+      path.unlink(missing_ok=True)
+
+
+def plan(graph, ctx: RunContext, roots: dict[str, Root]) -> dict[str, tuple[str, str]]:
+  """Fingerprints every pass into ctx and decides {pass: (action, reason)}; process 0 applies the decisions.
+
+  On process 0 a recomputed pass's outputs are deleted BEFORE its manifest is rewritten, so a kill in
+  between leaves a manifest whose fingerprint differs, and the next start deletes them again.
+  """
+  fingerprints = {name: root.fingerprint for name, root in roots.items()}
+  decisions = {}
+  for p in graph:
+    fields = p.fields(ctx)
+    inputs = {name: fingerprints[name] for name in p.inputs}
+    ctx.field_digests[p.name] = digest([p.name, fields])
+    fingerprint = fingerprints[p.name] = ctx.fingerprints[p.name] = digest([ctx.field_digests[p.name], inputs])
+    previous = _read(_manifest_path(ctx, p.name))
+    same = previous is not None and previous.get("fingerprint") == fingerprint
+    missing = [str(path.relative_to(ctx.workdir)) for path in [ctx.workdir / o for o in p.outputs] + p.units(ctx)
+               if not path.exists()]
+    if p.always:
+      action, reason = "run", "always"
+    elif same and previous.get("complete") and not missing:
+      action, reason = "reuse", ""
+    elif same and missing:  # deleted by hand: its units are checked one by one
+      action, reason = "resume", f"{', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''} missing"
+    elif same:
+      action, reason = "resume", "an earlier run stopped in it"
+    else:
+      action, reason = "recompute", _reason(previous, fields, inputs, roots)
+    decisions[p.name] = (action, reason)
+    if ctx.is_main and action != "reuse":
+      if action == "recompute" and not p.keeps_units:
+        _delete(ctx, p.outputs)
+        ctx.timings.pop(p.name, None)
+      records = {name: roots[name].record for name in p.inputs if name in roots}
+      common.save_json(_manifest_path(ctx, p.name), dict(fingerprint=fingerprint, fields=fields, inputs=inputs,
+                                                         records=records, complete=False))
+  return decisions
+
+
+def execute(graph, ctx: RunContext, roots: dict[str, Root]) -> dict[str, tuple[str, str]]:
+  """Runs the passes of `graph` (in order) that the fingerprints call for; returns the decisions."""
+  timings_path = ctx.workdir / "timings.json"
+  ctx.timings.update(_read(timings_path) or {})
+  decisions = distributed.main_first("plan", lambda: plan(graph, ctx, roots))
+  for p in graph:
+    action, reason = decisions[p.name]
+    logging.info("pass %s: %s%s", p.name, action, f" ({reason})" if reason else "")
+  if ctx.is_main:
+    common.save_json(ctx.workdir / MANIFESTS / "last_start.json", {name: list(d) for name, d in decisions.items()})
+  for p in graph:
+    if decisions[p.name][0] == "reuse":
+      continue
+    distributed.barrier(f"before {p.name}")  # the previous passes' files are visible to every process
+    start = time.perf_counter()
+    if p.per_chunk or ctx.is_main:  # the other processes read a dataset-wide pass's outputs from the workdir
+      p.run(ctx)
+    distributed.barrier(f"after {p.name}")
+    if ctx.is_main:
+      seconds = time.perf_counter() - start
+      ctx.timings[p.name] = seconds if p.always else ctx.timings.get(p.name, 0.0) + seconds
+      common.save_json(timings_path, ctx.timings)
+      manifest = _read(_manifest_path(ctx, p.name))
+      common.save_json(_manifest_path(ctx, p.name), {**manifest, "complete": True})
+    if os.environ.get(KILL_AFTER) == p.name:
+      os.kill(os.getpid(), signal.SIGKILL)
+  return decisions

@@ -1,0 +1,91 @@
+"""The segment runner's passes and their graph: what each reads (passes, the source, config fields), writes.
+
+    source -> features -> dataset_level -> category_level -> image_level -> refinement
+           -> descriptors -> classes -> predictions -> report
+
+A pass is a function of the run context (experiments.passes.context) that writes its outputs through it;
+the engine (experiments.engine) decides from the fingerprints which passes run. Nothing here imports it.
+"""
+
+import dataclasses
+from collections.abc import Callable
+
+from experiments.passes import features
+from experiments.passes import image_level
+from experiments.passes import labeling
+from experiments.passes import levels
+from experiments.passes import refinement
+from experiments.passes import report
+from experiments.passes.context import RunContext
+from jaxseg.framework import MethodConfig
+
+SOURCE = "source"
+
+
+@dataclasses.dataclass(frozen=True)
+class Pass:
+  """One pass of a runner's graph.
+
+  Attributes:
+    name: also its key in fingerprints, timings and the workdir's manifests/.
+    inputs: passes it reads (earlier in the graph), or SOURCE for the images themselves.
+    fields: ctx -> {dotted config name: value} of every config value its outputs depend on.
+    outputs: workdir paths (folders or files) it writes; deleted when its fingerprint changes.
+    run: ctx -> None; writes the outputs, skipping units already current (a resumed run).
+    per_chunk: runs on every process over its own chunks; else on process 0 alone (no collectives),
+      and the others read its outputs from the workdir.
+    keeps_units: its units carry their own fingerprints (features chunks depend only on their images),
+      so a changed fingerprint recomputes only the units that changed instead of deleting the outputs.
+    always: runs on every start (the report: cheap, shows the current config and timings).
+    units: ctx -> the unit files it writes (chunks, per-image PNGs); a completed pass missing one of them
+      (deleted by hand) is resumed, which remakes exactly the missing ones.
+  """
+  name: str
+  inputs: tuple[str, ...]
+  fields: Callable[[RunContext], dict]
+  outputs: tuple[str, ...]
+  run: Callable[[RunContext], None]
+  per_chunk: bool = False
+  keeps_units: bool = False
+  always: bool = False
+  units: Callable[[RunContext], list] = lambda ctx: []
+
+
+# Method fields no pass names (e.g. one added to MethodConfig later) go into every pass that reads the method.
+_CLAIMED = {"feature", "dataset_k", "fg_prior", "num_categories", "fusion", "score_temperature", "descriptor",
+            "min_region_area", "num_classes", "sample_budget", "kmeans_n_init", "kmeans_max_iter", "kmeans_tol", "crf"}
+
+
+def _chunks(*folders: str) -> Callable[[RunContext], list]:
+  return lambda ctx: [ctx.path(folder, c) for folder in folders for c in range(ctx.num_chunks)]
+
+
+def _per_image(folder: str) -> Callable[[RunContext], list]:
+  return lambda ctx: [ctx.image_path(folder, image["id"]) for image in ctx.images]
+
+
+def _with_unclaimed(fields: Callable[[RunContext], dict]) -> Callable[[RunContext], dict]:
+  unclaimed = tuple(f.name for f in dataclasses.fields(MethodConfig) if f.name not in _CLAIMED)
+  return lambda ctx: {**fields(ctx), **levels.method_fields(ctx, *unclaimed)}
+
+
+SEGMENT = (
+    Pass(features.NAME, (SOURCE,), features.fields, ("features",), features.run, per_chunk=True, keeps_units=True,
+         units=_chunks("features")),
+    Pass(levels.DATASET, ("features",), _with_unclaimed(levels.dataset_fields), ("levels/dataset.npz",),
+         levels.run_dataset),
+    Pass(levels.CATEGORY, ("features", levels.DATASET), _with_unclaimed(levels.category_fields),
+         ("levels/category.npz",), levels.run_category),
+    Pass(image_level.NAME, ("features", levels.DATASET, levels.CATEGORY), _with_unclaimed(image_level.fields),
+         ("margins",), image_level.run, per_chunk=True, units=_chunks("margins")),
+    Pass(refinement.NAME, (SOURCE, image_level.NAME), refinement.fields, ("masks", "fg_stats"), refinement.run,
+         per_chunk=True, units=lambda ctx: _chunks("fg_stats")(ctx) + _per_image("masks")(ctx)),
+    Pass(labeling.DESCRIPTORS, (SOURCE, "features", refinement.NAME), _with_unclaimed(labeling.descriptor_fields),
+         ("descriptors",), labeling.run_descriptors, per_chunk=True, units=_chunks("descriptors")),
+    Pass(labeling.CLASSES, (labeling.DESCRIPTORS,), _with_unclaimed(labeling.class_fields), ("levels/classes.npz",),
+         labeling.run_classes),
+    Pass(labeling.PREDICTIONS, (refinement.NAME, labeling.CLASSES), labeling.prediction_fields, ("predictions",),
+         labeling.run_predictions, per_chunk=True, units=_per_image("predictions")),
+    Pass(report.NAME, (SOURCE, refinement.NAME, labeling.PREDICTIONS), report.fields,
+         ("metrics.json", "gallery.html", "gallery"), report.run, always=True),
+)

@@ -1,0 +1,109 @@
+"""The segment runner: the method of DESIGN.md over a whole split, as the graph of passes in experiments/passes.
+
+    result = runner.run(config, workdir)   # = workdir/metrics.json
+
+A rerun of the same workdir recomputes exactly the passes whose inputs changed (experiments/engine.py):
+a new num_classes only relabels, new crf.* values refine and relabel, an added or replaced image
+recomputes what depends on the split; a killed run resumes. Layout of the workdir:
+
+    config.json                 the resolved config of the latest start (informative; fingerprints decide reuse)
+    manifests/<pass>.json       the fingerprint each pass's outputs were made under; last_start.json: decisions
+    features/NNNNNN.npz         per chunk: unit patch features (float16), CLS, attention, valid, index
+    levels/dataset.npz          stage 1: centroids, foreground flags, prototypes
+    levels/category.npz         stage 2: category centroids and (bg, fg) prototypes
+    margins/NNNNNN.npz          per chunk: per-level margins and scores, the fused fg probability
+    masks/<id>.png              stage 5: refined binary mask at the image's resolution
+    fg_stats/NNNNNN.npz         per chunk: fg intersection/union per level against the ground truth
+    descriptors/NNNNNN.npz      stage 6: one descriptor per region
+    levels/classes.npz          stage 6: the class of every region
+    predictions/<id>.png        label map (VOC palette, 0 = background)
+    metrics.json, gallery.html, gallery/  the report
+    timings.json                seconds per pass, summed over the starts that computed its current outputs
+
+Devices and hosts: the per-chunk passes run data-parallel over the process's local devices
+(jaxseg.parallel); a chunk is padded with invalid images to a multiple of the device count for the
+computation only, so the cache is the same for any number of devices. With several processes
+(experiments/distributed.py) the workdir must be shared: process p computes the chunks c with
+c % count == p, and process 0 fits the dataset-wide levels and classes and writes the report.
+"""
+
+import json
+import pathlib
+
+import jax
+import ml_collections
+import numpy as np
+from absl import logging
+
+import jaxseg.data
+from experiments import common
+from experiments import distributed
+from experiments import engine
+from experiments import passes
+from experiments import validation
+from experiments.errors import UserError
+from experiments.passes import source as source_pass
+from experiments.passes.context import RunContext
+from jaxseg import framework
+from jaxseg import models
+from jaxseg import parallel
+
+
+def method_config(config: ml_collections.ConfigDict) -> framework.MethodConfig:
+  return framework.MethodConfig.from_mappings(config.method.to_dict(), config.crf.to_dict())
+
+
+def _load_source(config: ml_collections.ConfigDict):
+  data = config.data
+  return distributed.main_first("data", lambda: jaxseg.data.load(  # one process prepares a shared data_dir
+      data.name, data.split or None, data_dir=pathlib.Path(data.data_dir).expanduser(),
+      manual_dir=pathlib.Path(data.manual_dir).expanduser() if data.manual_dir else None))
+
+
+def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict:
+  """Runs (or resumes, or updates) the method on config.data; returns the metrics written to workdir/metrics.json.
+
+  Raises:
+    UserError: a config or workdir that cannot make a run (before any data or weights are read), an empty split.
+  """
+  workdir = pathlib.Path(workdir).expanduser()
+  validation.validate(config, workdir)
+  with distributed.guard():
+    method = method_config(config)
+    source = _load_source(config)
+    count = len(source) if not config.data.limit else min(config.data.limit, len(source))
+    if count == 0:
+      raise UserError(f"config.data.name={config.data.name!r} split {config.data.split!r} has no images")
+    if config.model.weights == "random":
+      logging.warning("=" * 70 + "\nmodel.weights=random: RANDOMLY INITIALISED ViT. The masks and scores of this "
+                      "run are MEANINGLESS (a smoke run).\n" + "=" * 70)
+    effective = framework.effective_method(method, count)
+    if effective.num_categories < method.num_categories:
+      logging.warning("method.num_categories=%d but the split has %d images: using %d categories",
+                      method.num_categories, count, effective.num_categories)
+    images = source_pass.describe(source, count)
+    mesh = parallel.batch_mesh(jax.local_devices())
+    ctx = RunContext(config=config, workdir=workdir, method=effective, source=source, images=images,
+                     vit=models.get_variant(config.model.variant), key=jax.random.key(config.seed), mesh=mesh,
+                     process=distributed.process(), effective={"num_categories": effective.num_categories})
+    logging.info("%d images in %d chunks of %d; process %d of %d; %d devices; workdir %s", count, ctx.num_chunks,
+                 config.batch_size, *ctx.process, mesh.size, workdir)
+    with engine.session(workdir, ctx.is_main):
+      if ctx.is_main:
+        common.save_json(workdir / "config.json", json.loads(config.to_json()))
+      root = engine.Root(source_pass.fingerprint(config, images), images,
+                         lambda old: source_pass.changes(old, images))
+      engine.execute(passes.SEGMENT, ctx, {passes.SOURCE: root})
+      result = json.loads((workdir / "metrics.json").read_text())
+      distributed.barrier("done")  # no process exits (ending the distributed runtime) while others still work
+  return result
+
+
+def feature_cache(workdir: str | pathlib.Path) -> tuple[framework.PatchFeatures, list[str]]:
+  """A finished run's feature cache as its passes read it (float32 patches): ([N, ...] PatchFeatures, N ids)."""
+  parts = [common.load_npz(path) for path in sorted((pathlib.Path(workdir) / "features").glob("*.npz"))]
+  keep = np.concatenate([p["index"] for p in parts]) >= 0
+  stack = lambda name, dtype: np.concatenate([p[name] for p in parts]).astype(dtype)[keep]
+  features = framework.PatchFeatures(patches=stack("patches", np.float32), cls=stack("cls", np.float32),
+                                     attention=stack("attention", np.float32), valid=stack("valid", bool))
+  return features, [str(i) for i in stack("id", str)]
