@@ -3,13 +3,13 @@
 import importlib.util
 import io
 import json
-import os
 import pathlib
-import secrets
 
 import numpy as np
 import PIL.Image
 import PIL.PngImagePlugin
+
+from jaxseg._files import atomic_write_bytes  # noqa: F401  (re-exported: the binaries write through it)
 
 
 def load_config_file(path: str | pathlib.Path):
@@ -28,35 +28,6 @@ def config_items(config: dict, prefix: str = ""):
       yield from config_items(value, f"{prefix}{key}.")
     else:
       yield f"{prefix}{key}", value
-
-
-def _create_temp_file(path: pathlib.Path) -> tuple[int, pathlib.Path]:
-  """Creates .<name>.<random>.tmp next to path with mode 0666 less the umask (mkstemp's 0600 would stick)."""
-  while True:
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-    try:
-      return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), tmp
-    except FileExistsError:
-      continue
-
-
-def atomic_write_bytes(path: str | pathlib.Path, data: bytes) -> None:
-  """Writes data to path so that readers see the old file or the whole new one, never a part.
-
-  The file gets the usual mode (0666 less the umask: 0644 under umask 022), so outputs can be shared.
-  """
-  path = pathlib.Path(path)
-  path.parent.mkdir(parents=True, exist_ok=True)
-  fd, tmp = _create_temp_file(path)
-  try:
-    with os.fdopen(fd, "wb") as f:
-      f.write(data)
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp, path)
-  except BaseException:
-    pathlib.Path(tmp).unlink(missing_ok=True)
-    raise
 
 
 def save_npz(path: str | pathlib.Path, **arrays) -> None:

@@ -53,7 +53,7 @@ class Pass:
 
 # Method fields no pass names (e.g. one added to MethodConfig later) go into every pass that reads the method.
 _CLAIMED = {"feature", "dataset_k", "fg_prior", "num_categories", "fusion", "score_temperature", "descriptor",
-            "min_region_area", "num_classes", "sample_budget", "kmeans_n_init", "kmeans_max_iter", "kmeans_tol", "crf"}
+            "min_region_area", "min_region_fraction", "num_classes", "sample_budget", "kmeans_n_init", "kmeans_max_iter", "kmeans_tol", "crf"}
 
 
 def _chunks(*folders: str) -> Callable[[RunContext], list]:

@@ -11,6 +11,7 @@ import functools
 import hashlib
 import json
 import pathlib
+import warnings
 import zipfile
 
 import jax
@@ -115,8 +116,10 @@ class RunContext:
     """
     if self._model is None:
       config = self.config
-      params, _ = distributed.main_first("weights", lambda: models.load_params(
-          config.model.weights, config.model.variant, seed=config.seed, cache_dir=config.model.cache_dir or None))
+      with warnings.catch_warnings():  # the runner's banner already says it, louder, once
+        warnings.filterwarnings("ignore", message="load_params: weights='random'")
+        params, _ = distributed.main_first("weights", lambda: models.load_params(
+            config.model.weights, config.model.variant, seed=config.seed, cache_dir=config.model.cache_dir or None))
       self._model = (parallel.replicate(params, self.mesh),)
     return self._model[0]
 

@@ -7,7 +7,9 @@ A chunk's fingerprint covers only the model, the feature kind and its own images
 an image recomputes only the chunks whose images changed (or moved).
 """
 
+import dataclasses
 import functools
+import pathlib
 
 import jax
 import jax.numpy as jnp
@@ -28,8 +30,13 @@ def fields(ctx: RunContext) -> dict:
   values = {"image_size": config.image_size, "batch_size": config.batch_size, "model.variant": config.model.variant,
             "model.weights": config.model.weights, "model.dtype": config.model.dtype,
             "method.feature": ctx.method.feature, "keep_tokens": keep_tokens(ctx)}
+  # The architecture as resolved (e.g. how position embeddings are resized), not only its name.
+  values["model.architecture"] = dataclasses.asdict(models.get_variant(config.model.variant))
   if config.model.weights == "random":
     values["seed"] = config.seed  # the weights' init key
+  elif pathlib.Path(config.model.weights).expanduser().is_file():  # a local file replaced at the same path
+    stat = pathlib.Path(config.model.weights).expanduser().stat()
+    values["model.weights_file"] = [stat.st_size, stat.st_mtime_ns]
   return values
 
 

@@ -32,7 +32,7 @@ PREDICTIONS = "predictions"
 
 
 def descriptor_fields(ctx: RunContext) -> dict:
-  return levels.method_fields(ctx, "descriptor", "min_region_area")
+  return levels.method_fields(ctx, "descriptor", "min_region_area", "min_region_fraction")
 
 
 def class_fields(ctx: RunContext) -> dict:
@@ -41,7 +41,7 @@ def class_fields(ctx: RunContext) -> dict:
 
 
 def prediction_fields(ctx: RunContext) -> dict:
-  return levels.method_fields(ctx, "min_region_area")
+  return levels.method_fields(ctx, "min_region_area", "min_region_fraction")
 
 
 # ---- descriptors --------------------------------------------------------------------------------------------
@@ -71,7 +71,7 @@ def _encode_cls(ctx: RunContext, images: np.ndarray, patch_masks: np.ndarray | N
 
 def _regions(ctx: RunContext, image_id: str) -> tuple[np.ndarray, int]:
   mask = common.read_png_indices(ctx.image_path("masks", image_id)).astype(bool)
-  return framework.regions(mask, ctx.method.min_region_area)
+  return framework.regions(mask, ctx.method.min_region_area, ctx.method.min_region_fraction)
 
 
 def run_descriptors(ctx: RunContext) -> None:

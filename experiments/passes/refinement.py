@@ -3,16 +3,14 @@
     masks/<id>.png        the refined binary mask, stamped with the fingerprint and its per-level pixel counts
     fg_stats/NNNNNN.npz   per chunk: fg pixels and (intersection, union) per level against the ground truth
 
-All refinement goes through `_refine_stream` (jaxseg.framework.refine.refine_stream, batched by size
-bucket; results come back out of order). A mask already on disk under the current fingerprint is reused
-with the counts stamped in it, so a resumed run refines only what is missing.
+All refinement goes through jaxseg.framework.refine_stream: batched by pixel-count bucket, so a split
+compiles a few programs whatever its number of sizes; results come back out of order. A mask already on
+disk under the current fingerprint is reused with the counts stamped in it, so a resumed run refines only
+what is missing.
 """
 
 import dataclasses
-from collections.abc import Iterable, Iterator
-from typing import NamedTuple
 
-import jax.numpy as jnp
 import numpy as np
 import tqdm
 from absl import logging
@@ -20,61 +18,14 @@ from absl import logging
 from experiments.passes import context
 from experiments.passes.context import RunContext
 from jaxseg import framework
-from jaxseg import metrics
-from jaxseg.framework import refine as refine_module
+from jaxseg.framework.refine import pixel_bucket
 
 NAME = "refinement"
-FG_LEVELS = ("dataset", "category", "image", "fused", "refined")
+FG_LEVELS = framework.FG_LEVELS
 
 
 def fields(ctx: RunContext) -> dict:
   return {f"crf.{name}": value for name, value in dataclasses.asdict(ctx.method.crf).items()}
-
-
-# ---- the one adapter to refine_stream (a stand-in until jaxseg.framework.refine has it) ---------------------
-
-class RefineItem(NamedTuple):
-  key: int
-  image: np.ndarray  # [H, W, 3] uint8
-  fg_prob: np.ndarray  # [h, w]
-  level_scores: np.ndarray  # [3, h, w]
-  truth: np.ndarray | None  # [H, W] uint8
-
-
-class RefinedImage(NamedTuple):
-  mask: np.ndarray  # [H, W] bool
-  fg_pixels: np.ndarray  # [5] int64
-  counts: np.ndarray  # [5, 2] int64 (intersection, union)
-
-
-def _refine_one_at_a_time(items: Iterable[RefineItem], crf, *, batch_size=1, mesh=None):
-  """refine_stream's contract, one image at a time (the stand-in; deleted once refine_stream exists)."""
-  del batch_size, mesh
-  for item in items:
-    refined = np.asarray(framework.refine(jnp.asarray(item.image), jnp.asarray(item.fg_prob), crf))
-    size = item.image.shape[:2]
-    level_masks = [np.asarray(framework.upsample(item.level_scores[level], size)) > 0.5 for level in range(3)]
-    level_masks += [np.asarray(framework.upsample(item.fg_prob, size)) > 0.5, refined]
-    fg_pixels = np.asarray([np.sum(m) for m in level_masks], np.int64)
-    counts = np.zeros((len(FG_LEVELS), 2), np.int64)
-    if item.truth is not None:
-      counts = np.stack([np.asarray(metrics.foreground_counts(jnp.asarray(m), jnp.asarray(item.truth)), np.int64)
-                         for m in level_masks])
-    yield item.key, RefinedImage(refined, fg_pixels, counts)
-
-
-def _refine_stream(items: Iterable[RefineItem], crf, *, batch_size: int, mesh) -> Iterator[tuple[int, RefinedImage]]:
-  stream = getattr(refine_module, "refine_stream", None)
-  if stream is None:
-    return _refine_one_at_a_time(items, crf, batch_size=batch_size, mesh=mesh)
-  return ((key, RefinedImage(np.asarray(r.mask), np.asarray(r.fg_pixels, np.int64), np.asarray(r.counts, np.int64)))
-          for key, r in stream((refine_module.RefineItem(*item) for item in items), crf, batch_size=batch_size,
-                               mesh=mesh))
-
-
-def refine_programs() -> int | None:
-  counter = getattr(refine_module, "refine_programs", None)
-  return None if counter is None else counter()
 
 
 # ---- the pass ----------------------------------------------------------------------------------------------
@@ -101,21 +52,28 @@ def run(ctx: RunContext) -> None:
     for index, fg_prob, scores in items:
       item = ctx.source[index]
       has_truth[index] = "mask" in item
-      yield RefineItem(index, item["image"], fg_prob, scores, item.get("mask"))
+      yield framework.RefineItem(index, item["image"], fg_prob, scores, item.get("mask"))
 
   chunk_of = {int(i): c for c in todo for i in ctx.chunk(c)}
   pending = set(todo)
   for c in todo:
     _save_chunk_if_done(ctx, c, pending, done)
-  stream = _refine_stream(refine_items(), ctx.method.crf, batch_size=ctx.config.batch_size, mesh=ctx.mesh)
-  for index, refined in tqdm.tqdm(stream, total=len(items), desc="refinement (CRF)", unit="image"):
+  sizes = {image["index"]: image["size"] for image in ctx.images}
+  buckets = sorted({pixel_bucket(int(np.prod(sizes[i]))) or 0 for i, _, _ in items})
+  logging.info("refinement: %d images in %d pixel buckets %s; each bucket's CRF programs compile on first use "
+               "(seconds each on CPU), then every image of the bucket reuses them", len(items), len(buckets),
+               [b for b in buckets if b])
+  before = framework.refine_programs()
+  stream = framework.refine_stream(refine_items(), ctx.method.crf, batch_size=ctx.config.batch_size, mesh=ctx.mesh)
+  bar = tqdm.tqdm(stream, total=len(items), desc="refinement (CRF)", unit="image")
+  for index, refined in bar:
+    bar.set_postfix(compiled=framework.refine_programs() - before, refresh=False)
     stats = {"fg_pixels": refined.fg_pixels.tolist(), "counts": refined.counts.tolist(), "has_gt": has_truth[index]}
     ctx.save_png(NAME, ctx.image_path("masks", ctx.ids[index]), refined.mask.astype(np.uint8), stats=stats)
     done[index] = stats
     _save_chunk_if_done(ctx, chunk_of[index], pending, done)
-  programs = refine_programs()
-  if programs is not None:
-    logging.info("refinement: %d compiled refinement programs so far", programs)
+  logging.info("refinement: %d refinement programs compiled for %d images (%d in this process)",
+               framework.refine_programs() - before, len(items), framework.refine_programs())
 
 
 def _save_chunk_if_done(ctx: RunContext, c: int, pending: set[int], done: dict[int, dict]) -> None:

@@ -217,7 +217,7 @@ def label_pooled(patches: jax.Array, masks: Sequence[np.ndarray], cfg: MethodCon
   grid = patches.shape[1:3]
   region_maps, descriptors = [], []
   for image_patches, mask in zip(patches, masks):
-    region_map, count = labeling.regions(mask, cfg.min_region_area)
+    region_map, count = labeling.regions(mask, cfg.min_region_area, cfg.min_region_fraction)
     fractions = labeling.region_patch_fractions(region_map, count, grid)
     region_maps.append((region_map, count))
     descriptors.append(labeling.pooled_descriptors(image_patches, fractions))
