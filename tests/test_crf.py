@@ -301,3 +301,29 @@ def test_valid_must_be_a_bool_map_of_the_image():
     dense_crf(image, unary, valid=np.ones((4, 3), bool))
   with pytest.raises(ValueError, match="valid must be"):
     dense_crf(image, unary, valid=np.ones((4, 4), np.float32))
+
+
+def test_prebuilt_gaussian_lattice_serves_every_image_of_its_size():
+  # One gaussian_lattice for a padded size (7 invalid rows below) serves two photographs of that size.
+  height, width, params = 120, 160, VOC
+  valid = np.zeros((height + 7, width), bool)
+  valid[:height] = True
+  gaussian = jax.jit(inference.gaussian_lattice, static_argnums=(0, 1, 2))(
+      height + 7, width, params["gaussian_sxy"], valid)
+  crf = jax.jit(functools.partial(dense_crf, iterations=10, **params))
+  for seed, name in enumerate(("chelsea", "coffee")):
+    image = np.ascontiguousarray(photo(name, 0.5)[:height, :width])
+    unary = make_unary((height, width), 2, "noisy", seed=seed)
+    padded_image = np.zeros((height + 7, width, 3), np.uint8)
+    padded_unary = np.ones((height + 7, width, 2), np.float32)
+    padded_image[:height], padded_unary[:height] = image, unary
+    q = np.asarray(crf(padded_image, padded_unary, valid=valid, gaussian=gaussian))[:height]
+    q_ref = reference_crf(image, unary, **params)
+    assert np.mean(q.argmax(-1) == q_ref.argmax(-1)) >= 0.995
+    assert np.abs(q - q_ref).mean() <= 1e-4, np.abs(q - q_ref).mean()
+
+
+def test_prebuilt_gaussian_lattice_of_another_size_raises():
+  image, unary = np.zeros((4, 4, 3), np.uint8), np.zeros((4, 4, 2), np.float32)
+  with pytest.raises(ValueError, match=r"gaussian must be gaussian_lattice\(4, 4"):
+    dense_crf(image, unary, gaussian=inference.gaussian_lattice(4, 5, 1.0))

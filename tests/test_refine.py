@@ -154,3 +154,11 @@ def test_peak_rss_does_not_grow_with_the_number_of_sizes():
   assert {refine_lib.pixel_bucket(h * w) for h, w in many} == {refine_lib.pixel_bucket(h * w) for h, w in few}
   rss_many, rss_few = _peak_rss_kb(many), _peak_rss_kb(few)
   assert rss_many <= 1.15 * rss_few, (rss_many, rss_few)
+
+
+def test_bilateral_rung_reuses_a_compiled_rung_one_step_up():
+  rungs, program = (600, 150, 75, 37), ("test_rung_reuse", object())  # a key no stream uses
+  picks = [refine_lib._reuse_rung(program, rungs, n) for n in (100, 60, 30, 30, 70, 700)]
+  # 100: 150 (first); 60: 75 would fit, 150 is compiled; 30: 37 fits, 75 is not compiled; 70: 75 fits,
+  # 150 compiled; 700: nothing fits, the largest.
+  assert picks == [150, 150, 37, 37, 150, 600]

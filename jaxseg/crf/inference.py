@@ -43,8 +43,26 @@ def crf_features(pixels: jnp.ndarray, valid: jnp.ndarray, width: jnp.ndarray, *,
   features = jnp.concatenate([position / np.float32(bilateral_sxy),
                               pixels.astype(jnp.float32) / np.float32(bilateral_srgb),
                               position / np.float32(gaussian_sxy)], axis=-1)
-  features = jnp.where(valid[:, None], features, features[jnp.argmax(valid)])
+  features = _valid_features(features, valid)
   return features[:, 5:], features[:, :5]
+
+
+def _valid_features(features: jnp.ndarray, valid: jnp.ndarray) -> jnp.ndarray:
+  """features [N, d] with invalid rows replaced by the first valid one (valid: [N] bool)."""
+  return jnp.where(valid[:, None], features, features[jnp.argmax(valid)])
+
+
+def gaussian_lattice(height: int, width: int, sxy: float, valid: Optional[jnp.ndarray] = None) -> Lattice:
+  """The position kernel's lattice of an H x W image, at gaussian_capacity (what dense_crf builds).
+
+  A function of the size (and validity) alone: a caller that runs dense_crf
+  on many images of one size can build it once and pass it as
+  dense_crf(..., gaussian=...); nothing is cached here. Jit with height,
+  width, sxy static. valid: optional [H, W] bool, as dense_crf's.
+  """
+  valid = jnp.ones(height * width, bool) if valid is None else jnp.reshape(valid, -1)
+  features = _valid_features(flat_positions(height * width, width) / np.float32(sxy), valid)
+  return lattice_lib.lattice_at(lattice_lib.lattice_points(features), gaussian_capacity(height, width, sxy))
 
 
 def gaussian_capacity(height: int, width: int, sxy: float) -> int:
@@ -225,7 +243,7 @@ _inference.defvjp(_inference_fwd, _inference_bwd)
 
 def crf_marginals(points: KernelPoints, energies: jnp.ndarray, valid: jnp.ndarray, *, iterations: int,
                   gaussian_weight: float, bilateral_weight: float, gaussian_capacity: int,
-                  bilateral_capacities: Tuple[int, ...]) -> jnp.ndarray:
+                  bilateral_capacities: Tuple[int, ...], gaussian: Optional[Lattice] = None) -> jnp.ndarray:
   """Mean-field marginals of a flat image from its kernel points (the second half of dense_crf).
 
   Args:
@@ -236,20 +254,23 @@ def crf_marginals(points: KernelPoints, energies: jnp.ndarray, valid: jnp.ndarra
     gaussian_capacity: static, >= points.gaussian's point count (else the result is NaN).
     bilateral_capacities: static descending rungs; the inference runs at the smallest that holds
       the bilateral lattice (one rung: a single program; NaN if it overflows).
+    gaussian: optional prebuilt Gaussian lattice (gaussian_lattice), used instead of
+      points.gaussian (which may then be None) and gaussian_capacity.
 
   Returns:
     Q: [N, L] float32.
   """
   kernels = _Kernels(float(gaussian_weight), float(bilateral_weight), int(gaussian_capacity),
                      tuple(int(c) for c in bilateral_capacities), int(iterations))
-  gaussian = lattice_lib.lattice_at(points.gaussian, kernels.gaussian_capacity)
+  if gaussian is None:
+    gaussian = lattice_lib.lattice_at(points.gaussian, kernels.gaussian_capacity)
   return _inference(kernels, gaussian, points.bilateral, valid, energies)
 
 
 def dense_crf(image: jnp.ndarray, unary: jnp.ndarray, *, valid: Optional[jnp.ndarray] = None,
               iterations: int = 10, gaussian_sxy: float = 3.0, gaussian_weight: float = 3.0,
               bilateral_sxy: float = 80.0, bilateral_srgb: float = 13.0,
-              bilateral_weight: float = 10.0) -> jnp.ndarray:
+              bilateral_weight: float = 10.0, gaussian: Optional[Lattice] = None) -> jnp.ndarray:
   """Marginals of a dense CRF with a Gaussian and a bilateral Potts kernel, as pydensecrf computes them.
 
   Equivalent to pydensecrf's DenseCRF2D(W, H, L) with setUnaryEnergy(U),
@@ -281,6 +302,9 @@ def dense_crf(image: jnp.ndarray, unary: jnp.ndarray, *, valid: Optional[jnp.nda
       pixels and Potts weight.
     bilateral_sxy, bilateral_srgb, bilateral_weight: appearance kernel's
       standard deviations in pixels and in colour levels, and Potts weight.
+    gaussian: optional gaussian_lattice(H, W, gaussian_sxy, valid), built
+      once by a caller that refines many images of one size (it is then not
+      rebuilt per call); default: built here.
 
   Returns:
     Q: [H, W, L] float32 marginals. With L = 1, Q is all ones.
@@ -298,10 +322,18 @@ def dense_crf(image: jnp.ndarray, unary: jnp.ndarray, *, valid: Optional[jnp.nda
     raise ValueError(f"dense_crf: valid must be [H, W] = {(height, width)} bool, got {valid.dtype} {valid.shape}.")
   energies = jnp.nan_to_num(unary.astype(jnp.float32), nan=_HUGE_ENERGY, posinf=_HUGE_ENERGY,
                             neginf=-_HUGE_ENERGY)
-  points = kernel_points(image.reshape(-1, 3), valid.reshape(-1), width, gaussian_sxy=gaussian_sxy,
-                         bilateral_sxy=bilateral_sxy, bilateral_srgb=bilateral_srgb)
+  if gaussian is not None and gaussian.offsets.shape != (height * width, 3):
+    raise ValueError(f"dense_crf: gaussian must be gaussian_lattice({height}, {width}, ...), got a lattice of "
+                     f"offsets {gaussian.offsets.shape}.")
+  if gaussian is None:
+    points = kernel_points(image.reshape(-1, 3), valid.reshape(-1), width, gaussian_sxy=gaussian_sxy,
+                           bilateral_sxy=bilateral_sxy, bilateral_srgb=bilateral_srgb)
+  else:
+    _, bilateral = crf_features(image.reshape(-1, 3), valid.reshape(-1), width, gaussian_sxy=gaussian_sxy,
+                                bilateral_sxy=bilateral_sxy, bilateral_srgb=bilateral_srgb)
+    points = KernelPoints(None, lattice_lib.lattice_points(bilateral))
   q = crf_marginals(points, energies.reshape(-1, num_labels), valid.reshape(-1), iterations=iterations,
                     gaussian_weight=gaussian_weight, bilateral_weight=bilateral_weight,
                     gaussian_capacity=gaussian_capacity(height, width, gaussian_sxy),
-                    bilateral_capacities=bilateral_capacities(height * width))
+                    bilateral_capacities=bilateral_capacities(height * width), gaussian=gaussian)
   return q.reshape(height, width, num_labels)

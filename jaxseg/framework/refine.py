@@ -13,8 +13,9 @@ mesh. Per bucket, two programs:
               the lattice points of both CRF kernels with their point counts;
   _crf_pass   the mean field at one bilateral capacity rung and one Gaussian
               capacity, both chosen on the host from those counts (see
-              bilateral_rungs, bucket_gaussian_capacity), then the argmax and
-              its counts.
+              bilateral_rungs, bucket_gaussian_capacity; an image whose own
+              rung is not compiled yet runs at a compiled one a step larger,
+              see _reuse_rung), then the argmax and its counts.
 
 Compilations over a whole split are therefore bounded by buckets x (1 +
 rungs + 1) (the last: the rare bucket whose Gaussian lattice outgrows its
@@ -177,6 +178,22 @@ def bucket_gaussian_capacity(bucket: int, sxy: float) -> int:
   return inference.gaussian_capacity(short, int(np.ceil(bucket / short)), sxy)
 
 
+# Bilateral rungs each (bucket, CRF, mesh, Gaussian capacity) has run at in this process: small ints
+# (no arrays), so that an image may run at an already compiled rung one step above its own.
+_RUNGS_RUN: dict[tuple, set[int]] = {}
+
+
+def _reuse_rung(program: tuple, rungs: tuple[int, ...], num_points: int) -> int:
+  """The bilateral capacity to run `num_points` points at: the smallest rung that holds them, or the next
+  larger one when only that has been compiled for `program` (a step costs ~15% of a warm CRF, a compile
+  ~10 warm CRFs). The result does not depend on the choice: absent points are zero rows."""
+  fitting = [r for r in sorted(rungs) if r >= num_points] or [rungs[0]]
+  run = _RUNGS_RUN.setdefault(program, set())
+  chosen = fitting[1] if fitting[0] not in run and len(fitting) > 1 and fitting[1] in run else fitting[0]
+  run.add(chosen)
+  return chosen
+
+
 def _fg_counts(masks: jax.Array, truth: jax.Array, valid: jax.Array):
   """masks [K, N] bool, truth [N] uint8 (IGNORE where absent), valid [N] -> fg [K] int32, counts [K, 2] int32."""
   masks = masks & valid
@@ -334,8 +351,8 @@ def _run_bucket(items: list[RefineItem], bucket: int, rows: int, crf: CRFConfig,
     gaussian_capacity = bucket_gaussian_capacity(bucket, crf.gaussian_sxy)
     if num_points[0] > gaussian_capacity:
       gaussian_capacity = 3 * bucket  # never overflows
-    rungs = bilateral_rungs(bucket)
-    bilateral_capacity = min((r for r in rungs if r >= num_points[1]), default=rungs[0])
+    bilateral_capacity = _reuse_rung((bucket, crf, mesh, gaussian_capacity), bilateral_rungs(bucket),
+                                     int(num_points[1]))
     mask, refined_fg, refined_counts = parallel.to_host(_crf_pass(
         prepared["points"], size, prepared["energies"], truth, crf=crf, mesh=mesh, gaussian_capacity=gaussian_capacity,
         bilateral_capacity=bilateral_capacity))
