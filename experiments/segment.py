@@ -48,8 +48,9 @@ def main(argv):
     jax.config.update("jax_compilation_cache_dir", str(pathlib.Path(_XLA_CACHE.value).expanduser()))
     jax.config.update("jax_compilation_cache_max_size", _XLA_CACHE_MAX_MB.value * 2**20
                       if _XLA_CACHE_MAX_MB.value >= 0 else -1)
-  logging.info("workdir: %s", _WORKDIR.value)
-  logging.info("config:\n%s", _CONFIG.value)
+  logging.info("workdir: %s (the full config goes to its config.json; --verbosity=1 also prints it here)",
+               _WORKDIR.value)
+  logging.debug("config:\n%s", _CONFIG.value)  # not by default: 40 lines would bury the one line that matters
   result = runner.run(_CONFIG.value, _WORKDIR.value)
   summary = {k: result[k] for k in ("num_images", "miou", "pixel_accuracy", "fg_iou") if k in result}
   logging.info("done: %s; see %s/metrics.json and gallery.html", summary, _WORKDIR.value)

@@ -246,5 +246,9 @@ def test_missing_weights_offline_gives_one_clear_message(voc, tmp_path):
   out = subprocess.run(_command(workdir, *flags), cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
   assert out.returncode != 0
   assert "huggingface.co" in out.stderr and str(tmp_path / "cache") in out.stderr
+  assert "--config.model.weights=random" in out.stderr  # the offline smoke run, with its exact flag
+  errors = [line for line in out.stderr.splitlines() if "huggingface.co" in line]
+  assert len(errors) == 1 and errors[0].startswith("error: "), errors  # printed once, as the one error line
+  assert "bilateral_srgb" not in out.stderr  # ... and not after a config dump
   assert "Traceback" not in out.stderr
   assert not any((workdir / "features").glob("*.npz"))
