@@ -132,16 +132,20 @@ def _run_seeds(ctx: RunContext, sources: dict[str, engine.Root]) -> None:
     common.save_json(ctx.workdir / "metrics.json", dict(
         num_images=len(ctx.images), seeds=seed_summary(list(ctx.config.seeds), per_seed_metrics),
         seconds={"features": timings.get(features.name, 0.0)}, config=json.loads(ctx.config.to_json())))
+  distributed.barrier("seeds summary")  # every process returns the summary
 
 
 def seed_summary(seeds: list[int], per_seed: list[dict]) -> dict:
   """{"values": seeds, "mean": {...}, "std": {...}, "per_seed": {...}} of the per-seed metrics' scores.
 
-  Scores: miou, pixel_accuracy, fg_iou and fg_iou_levels (per level), those of the labelled splits;
+  Scores: miou, pixel_accuracy, fg_iou, fg_iou_levels (per level) and per_image_matching's miou and
+  pixel_accuracy, those of the labelled splits;
   std is the sample standard deviation (ddof=1; 0.0 for a single seed), so "mIoU = mean +- std over n seeds".
   """
   flat = [{**{k: m[k] for k in ("miou", "pixel_accuracy", "fg_iou") if k in m},
-           **{f"fg_iou_levels.{level}": v for level, v in m.get("fg_iou_levels", {}).items()}} for m in per_seed]
+           **{f"fg_iou_levels.{level}": v for level, v in m.get("fg_iou_levels", {}).items()},
+           **{f"per_image_matching.{k}": m["per_image_matching"][k] for k in ("miou", "pixel_accuracy")
+              if "per_image_matching" in m}} for m in per_seed]
   mean, std = {}, {}
   for name in flat[0] if flat else ():
     values = np.asarray([f[name] for f in flat], np.float64)

@@ -81,10 +81,12 @@ def test_summary_is_the_mean_and_sample_std_of_the_seeds(seeded_run):
     assert summary["mean"][name] == pytest.approx(np.mean(values), abs=1e-12), name
     assert summary["std"][name] == pytest.approx(np.std(values, ddof=1), abs=1e-12), name
   assert set(summary["mean"]["fg_iou_levels"]) == {"dataset", "category", "image", "fused", "refined"}
-  for level in summary["mean"]["fg_iou_levels"]:
-    values = [m["fg_iou_levels"][level] for m in per_seed]
-    assert summary["mean"]["fg_iou_levels"][level] == pytest.approx(np.mean(values), abs=1e-12), level
-    assert summary["std"]["fg_iou_levels"][level] == pytest.approx(np.std(values, ddof=1), abs=1e-12), level
+  assert set(summary["mean"]["per_image_matching"]) == {"miou", "pixel_accuracy"}
+  for group in ("fg_iou_levels", "per_image_matching"):
+    for name in summary["mean"][group]:
+      values = [m[group][name] for m in per_seed]
+      assert summary["mean"][group][name] == pytest.approx(np.mean(values), abs=1e-12), (group, name)
+      assert summary["std"][group][name] == pytest.approx(np.std(values, ddof=1), abs=1e-12), (group, name)
 
 
 @pytest.mark.slow
