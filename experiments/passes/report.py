@@ -2,24 +2,23 @@
 
     metrics.json   mIoU, pixel accuracy, per-class IoU (labelled splits), fg IoU per level, fg fraction,
                    seconds per pass, the config, and "effective": the num_categories / num_classes used
-    gallery.html, gallery/*.png   the worst images first (by foreground IoU)
+    gallery.html, gallery/*.png   experiments/passes/gallery.py
 
 It always runs (it is cheap and shows the current config and timings); it reads only what the passes wrote.
 """
 
 import json
-import shutil
 
 import numpy as np
 import tqdm
 
 import jaxseg.data
 from experiments import common
+from experiments.passes import gallery
 from experiments.passes import labeling
 from experiments.passes.context import RunContext
 from experiments.passes.refinement import FG_LEVELS
 from jaxseg import metrics
-from jaxseg import viz
 
 NAME = "report"
 
@@ -53,7 +52,7 @@ def run(ctx: RunContext) -> None:
   result["seconds_per_image"] = {k: v / max(result["num_images"], 1) for k, v in timings.items()}
   result["effective"] = {**ctx.effective, "num_classes": labeling.num_classes_used(ctx)}
   result["config"] = json.loads(ctx.config.to_json())
-  _write_gallery(ctx, order, per_image_iou)
+  gallery.write(ctx, order, per_image_iou, result.get("assignment"))
   common.save_json(ctx.workdir / "metrics.json", result)
 
 
@@ -69,36 +68,3 @@ def _semantic_scores(ctx: RunContext, indices: np.ndarray) -> dict:
   return dict(miou=float(scores["miou"]), pixel_accuracy=float(scores["pixel_accuracy"]),
               per_class_iou={name: float(iou) for name, iou, p in zip(names, scores["per_class_iou"], present) if p},
               assignment=np.asarray(scores["assignment"]).tolist())
-
-
-def _write_gallery(ctx: RunContext, order: np.ndarray, per_image_iou: np.ndarray | None) -> None:
-  """gallery.html with the worst images first (by foreground IoU) and gallery/*.png overlays."""
-  if per_image_iou is not None:
-    chosen = np.argsort(per_image_iou, kind="stable")[:ctx.config.gallery_size]
-  else:
-    chosen = np.arange(min(len(order), ctx.config.gallery_size))
-  shutil.rmtree(ctx.workdir / "gallery", ignore_errors=True)  # no thumbnails of an earlier state
-  rows = []
-  for rank, position in enumerate(chosen):
-    item = ctx.source[int(order[position])]
-    pred = common.read_png_indices(ctx.image_path("predictions", item["id"]))
-    panels = {"image": item["image"], "prediction": viz.overlay(item["image"], pred)}
-    if "mask" in item:
-      panels["truth"] = viz.overlay(item["image"], item["mask"])
-    files = []
-    for name in ("image", "truth", "prediction"):
-      if name in panels:
-        files.append(f"gallery/{rank:04d}_{name}.png")
-        common.save_png(ctx.workdir / files[-1], _thumbnail(panels[name]))
-    score = None if per_image_iou is None else float(per_image_iou[position])
-    rows.append(viz.GalleryRow(item["id"], score, files))
-  columns = ("image", "ground truth", "prediction") if per_image_iou is not None else ("image", "prediction")
-  html = viz.gallery_html(rows, columns, title=f"jaxseg: {ctx.config.data.name} {ctx.config.data.split}, "
-                          "worst foreground IoU first")
-  common.atomic_write_bytes(ctx.workdir / "gallery.html", html.encode())
-
-
-def _thumbnail(image: np.ndarray, side: int = 320) -> np.ndarray:
-  """Shrinks image [H, W, 3] so its longer side is at most `side` pixels (nearest, keeps label colours)."""
-  step = max(1, -(-max(image.shape[:2]) // side))
-  return image[::step, ::step]
