@@ -1,6 +1,7 @@
 """Stage 7, the report pass: metrics.json from the predictions and masks on disk, and the gallery.
 
     metrics.json   mIoU, pixel accuracy, per-class IoU (labelled splits), fg IoU per level, fg fraction,
+                   "per_image_matching" (clusters matched per image, apart from the dataset-level mIoU),
                    seconds per pass, the config, and "effective": the num_categories / num_classes used
     gallery.html, gallery/*.png   experiments/passes/gallery.py
 
@@ -21,6 +22,8 @@ from experiments.passes.refinement import FG_LEVELS
 from jaxseg import metrics
 
 NAME = "report"
+PER_IMAGE_NOTE = ("clusters matched to classes inside each image (for comparison with papers that do so); "
+                  "not the dataset-level mIoU above")
 
 
 def fields(ctx: RunContext) -> dict:
@@ -52,19 +55,29 @@ def run(ctx: RunContext) -> None:
   result["seconds_per_image"] = {k: v / max(result["num_images"], 1) for k, v in timings.items()}
   result["effective"] = {**ctx.effective, "num_classes": labeling.num_classes_used(ctx)}
   result["config"] = json.loads(ctx.config.to_json())
+  if ctx.shared is not None:  # one seed of config.seeds (its levels, masks and labels; the run's features)
+    result["seed"] = ctx.seed
   gallery.write(ctx, order, per_image_iou, result.get("assignment"))
   common.save_json(ctx.workdir / "metrics.json", result)
 
 
 def _semantic_scores(ctx: RunContext, indices: np.ndarray) -> dict:
   names = jaxseg.data.class_names(ctx.config.data.name)
-  total = None
+  cms = []  # [P, G] per image: their sum scores the dataset-level matching, each one the per-image matching
   for index in tqdm.tqdm(indices, desc="evaluation", unit="image"):
     pred = common.read_png_indices(ctx.image_path("predictions", ctx.ids[int(index)]))
     gt = ctx.source[int(index)]["mask"]
-    total = metrics.accumulate(total, metrics.confusion_matrix(pred, gt, ctx.method.num_classes + 1, len(names)))
-  scores = metrics.hungarian_scores(total)
-  present = np.asarray(scores["present"])
+    cms.append(np.asarray(metrics.confusion_matrix(pred, gt, ctx.method.num_classes + 1, len(names)), np.int64))
+  cms = np.stack(cms)
+  scores = metrics.hungarian_scores(cms.sum(axis=0))
+  per_image = metrics.per_image_scores(cms)
   return dict(miou=float(scores["miou"]), pixel_accuracy=float(scores["pixel_accuracy"]),
-              per_class_iou={name: float(iou) for name, iou, p in zip(names, scores["per_class_iou"], present) if p},
-              assignment=np.asarray(scores["assignment"]).tolist())
+              per_class_iou=_per_class(names, scores), assignment=np.asarray(scores["assignment"]).tolist(),
+              per_image_matching=dict(miou=float(per_image["miou"]), pixel_accuracy=float(per_image["pixel_accuracy"]),
+                                      per_class_iou=_per_class(names, per_image), note=PER_IMAGE_NOTE))
+
+
+def _per_class(names: list[str], scores: dict) -> dict[str, float]:
+  """{class name: IoU} of the classes present in the ground truth."""
+  return {name: float(iou) for name, iou, p in zip(names, scores["per_class_iou"], np.asarray(scores["present"]))
+          if p}
