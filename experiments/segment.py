@@ -52,8 +52,19 @@ def main(argv):
                _WORKDIR.value)
   logging.debug("config:\n%s", _CONFIG.value)  # not by default: 40 lines would bury the one line that matters
   result = runner.run(_CONFIG.value, _WORKDIR.value)
-  summary = {k: result[k] for k in ("num_images", "miou", "pixel_accuracy", "fg_iou") if k in result}
-  logging.info("done: %s; see %s/metrics.json and gallery.html", summary, _WORKDIR.value)
+  logging.info("done: %s; see %s/metrics.json and gallery.html", summary(result), _WORKDIR.value)
+
+
+def summary(result: dict) -> str:
+  """One line of runner.run's result: the scores, or with config.seeds their mean +- std over the seeds."""
+  parts = [f"{result['num_images']} images"]
+  seeds = result.get("seeds")
+  if seeds:
+    parts += [f"{k} = {seeds['mean'][k]:.4f} +- {seeds['std'][k]:.4f} over {len(seeds['values'])} seeds"
+              for k in ("miou", "pixel_accuracy", "fg_iou") if k in seeds["mean"]]
+  else:
+    parts += [f"{k} = {result[k]:.4f}" for k in ("miou", "pixel_accuracy", "fg_iou") if k in result]
+  return ", ".join(parts)
 
 
 if __name__ == "__main__":
