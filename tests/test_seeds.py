@@ -13,6 +13,8 @@ import pytest
 
 import fixtures
 from experiments import runner
+from experiments import validation
+from experiments.errors import UserError
 from jaxseg import models
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -101,3 +103,11 @@ def test_adding_a_seed_runs_only_that_seed(setup, seeded_run, tmp_path):
     assert fixtures.passes_run(workdir / "seeds" / seed) == {"report"}
     fixtures.assert_same_segmentation(workdir / "seeds" / seed, seeded_run / "seeds" / seed, SCORES)
   assert _metrics(workdir)["seeds"]["values"] == [1, 2, 3]
+
+
+def test_repeated_or_non_integer_seeds_are_refused_before_any_work(setup, tmp_path):
+  _, config = setup
+  for seeds in ((1, 1), (0.5,)):
+    with pytest.raises(UserError, match=r"config\.seeds=.* must be distinct integers"):
+      validation.validate(config(seeds=seeds), tmp_path / "work")
+  validation.validate(config(seeds=(3, 1)), tmp_path / "work")
