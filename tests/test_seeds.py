@@ -5,8 +5,12 @@ only the seeded passes, and seed s of a multi-seed run can be compared with a pl
 """
 
 import json
+import os
 import pathlib
 import shutil
+import signal
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -36,6 +40,7 @@ def setup(tmp_path_factory):
   models.save_params(weights, params, vit)
   overrides = {**fixtures.SMALL_SEGMENT, "data.data_dir": str(root / "tfds"), "data.manual_dir": str(root / "manual"),
                "model.weights": str(weights)}
+  root.joinpath("flags").write_text("\n".join(f"--config.{k}={v}" for k, v in overrides.items()))
   return root, lambda **changes: fixtures.segment_config(CONFIG, **{**overrides, **changes})
 
 
@@ -111,3 +116,23 @@ def test_repeated_or_non_integer_seeds_are_refused_before_any_work(setup, tmp_pa
     with pytest.raises(UserError, match=r"config\.seeds=.* must be distinct integers"):
       validation.validate(config(seeds=seeds), tmp_path / "work")
   validation.validate(config(seeds=(3, 1)), tmp_path / "work")
+
+
+@pytest.mark.slow
+def test_killed_in_a_seeds_pass_resumes_to_the_same_outputs(setup, seeded_run, tmp_path):
+  """Killed right after seed 1's refinement (the hook fires at the first seed's pass), then run again."""
+  root, _ = setup
+  workdir = tmp_path / "killed"
+  command = [sys.executable, "-m", "experiments.segment", f"--workdir={workdir}", f"--config={CONFIG}",
+             *root.joinpath("flags").read_text().split("\n"), "--config.seed=0", "--config.seeds=1,2"]
+  env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3")
+  out = subprocess.run(command, cwd=ROOT, env=dict(env, JAXSEG_TEST_KILL_AFTER="refinement"), capture_output=True,
+                       text=True, timeout=600)
+  assert out.returncode == -signal.SIGKILL, out.stderr[-3000:]
+  assert not (workdir / "seeds" / "2").exists() and not (workdir / "metrics.json").exists()
+  out = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert fixtures.passes_run(workdir / "seeds" / "1") == {"descriptors", "classes", "predictions", "report"}
+  for seed in ("1", "2"):
+    fixtures.assert_same_segmentation(workdir / "seeds" / seed, seeded_run / "seeds" / seed, SCORES)
+  assert _metrics(workdir)["seeds"] == _metrics(seeded_run)["seeds"]
