@@ -5,6 +5,10 @@ import ml_collections
 def get_base_config() -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
   config.seed = 0
+  # e.g. --config.seeds=0,1,2,3,4: every seed-dependent pass (levels, refinement, labelling, report) once per
+  # seed on the same features, under workdir/seeds/<s>/, plus a mean/std summary in metrics.json.
+  # Empty: one run with `seed`. `seed` alone initialises random weights (model.weights="random").
+  config.seeds = ()
   config.image_size = 448  # multiple of the patch size
   config.batch_size = 8
 

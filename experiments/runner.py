@@ -20,6 +20,10 @@ recomputes what depends on the split; a killed run resumes. Layout of the workdi
     metrics.json, gallery.html, gallery/  the report
     timings.json                seconds per pass, summed over the starts that computed its current outputs
 
+With config.seeds (e.g. 0,1,2) features/ is computed once and every other pass runs once per seed s under
+seeds/<s>/ (its own manifests/, levels/, ..., metrics.json, timings.json); metrics.json then holds the
+summary: "seeds": {"values", "mean", "std" (ddof=1), "per_seed"} of miou, pixel_accuracy, fg_iou(_levels).
+
 Devices and hosts: the per-chunk passes run data-parallel over the process's local devices
 (jaxseg.parallel); a chunk is padded with invalid images to a multiple of the device count for the
 computation only, so the cache is the same for any number of devices. With several processes
@@ -27,6 +31,7 @@ computation only, so the cache is the same for any number of devices. With sever
 c % count == p, and process 0 fits the dataset-wide levels and classes and writes the report.
 """
 
+import dataclasses
 import json
 import pathlib
 
@@ -47,6 +52,8 @@ from experiments.passes.context import RunContext
 from jaxseg import framework
 from jaxseg import models
 from jaxseg import parallel
+
+SEEDS = "seeds"  # with config.seeds: workdir/seeds/<s>/ holds every pass but the features, for seed s
 
 
 def method_config(config: ml_collections.ConfigDict) -> framework.MethodConfig:
@@ -85,7 +92,8 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict:
     mesh = parallel.batch_mesh(jax.local_devices())
     ctx = RunContext(config=config, workdir=workdir, method=effective, source=source, images=images,
                      vit=models.get_variant(config.model.variant), key=jax.random.key(config.seed), mesh=mesh,
-                     process=distributed.process(), effective={"num_categories": effective.num_categories})
+                     process=distributed.process(), effective={"num_categories": effective.num_categories},
+                     seed=config.seed)
     logging.info("%d images in %d chunks of %d; process %d of %d; %d devices; workdir %s", count, ctx.num_chunks,
                  config.batch_size, *ctx.process, mesh.size, workdir)
     with engine.session(workdir, ctx.is_main):
@@ -93,10 +101,58 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict:
         common.save_json(workdir / "config.json", json.loads(config.to_json()))
       root = engine.Root(source_pass.fingerprint(config, images), images,
                          lambda old: source_pass.changes(old, images))
-      engine.execute(passes.SEGMENT, ctx, {passes.SOURCE: root})
+      sources = {passes.SOURCE: root}
+      if not config.seeds:
+        engine.execute(passes.SEGMENT, ctx, sources)
+      else:
+        _run_seeds(ctx, sources)
       result = json.loads((workdir / "metrics.json").read_text())
       distributed.barrier("done")  # no process exits (ending the distributed runtime) while others still work
   return result
+
+
+def _run_seeds(ctx: RunContext, sources: dict[str, engine.Root]) -> None:
+  """The features once (in workdir), then every other pass per seed in workdir/seeds/<s>, then the summary.
+
+  Each seed's passes have their own manifests and fingerprints (under seeds/<s>/), so adding a seed to
+  config.seeds runs only the new seed's passes; a seed dropped from the list keeps its folder, unreported.
+  """
+  features, per_seed = passes.SEGMENT[0], passes.SEGMENT[1:]
+  engine.execute((features,), ctx, sources)
+  cache = engine.Root(ctx.fingerprints[features.name], None, lambda old: "the feature cache was recomputed")
+  for seed in ctx.config.seeds:
+    logging.info("seed %d of %s", seed, list(ctx.config.seeds))
+    seed_ctx = dataclasses.replace(ctx, workdir=ctx.workdir / SEEDS / str(seed), shared=ctx.workdir, seed=seed,
+                                   key=jax.random.key(seed), fingerprints={}, field_digests={}, timings={})
+    engine.execute(per_seed, seed_ctx, {**sources, features.name: cache})
+  if ctx.is_main:
+    per_seed_metrics = [json.loads((ctx.workdir / SEEDS / str(s) / "metrics.json").read_text())
+                        for s in ctx.config.seeds]
+    timings = json.loads((ctx.workdir / "timings.json").read_text())
+    common.save_json(ctx.workdir / "metrics.json", dict(
+        num_images=len(ctx.images), seeds=seed_summary(list(ctx.config.seeds), per_seed_metrics),
+        seconds={"features": timings.get(features.name, 0.0)}, config=json.loads(ctx.config.to_json())))
+  distributed.barrier("seeds summary")  # every process returns the summary
+
+
+def seed_summary(seeds: list[int], per_seed: list[dict]) -> dict:
+  """{"values": seeds, "mean": {...}, "std": {...}, "per_seed": {...}} of the per-seed metrics' scores.
+
+  Scores: miou, pixel_accuracy, fg_iou, fg_iou_levels (per level) and per_image_matching's miou and
+  pixel_accuracy, those of the labelled splits;
+  std is the sample standard deviation (ddof=1; 0.0 for a single seed), so "mIoU = mean +- std over n seeds".
+  """
+  flat = [{**{k: m[k] for k in ("miou", "pixel_accuracy", "fg_iou") if k in m},
+           **{f"fg_iou_levels.{level}": v for level, v in m.get("fg_iou_levels", {}).items()},
+           **{f"per_image_matching.{k}": m["per_image_matching"][k] for k in ("miou", "pixel_accuracy")
+              if "per_image_matching" in m}} for m in per_seed]
+  mean, std = {}, {}
+  for name in flat[0] if flat else ():
+    values = np.asarray([f[name] for f in flat], np.float64)
+    *parent, leaf = name.split(".")
+    for out, value in ((mean, values.mean()), (std, values.std(ddof=1) if len(values) > 1 else 0.0)):
+      (out.setdefault(parent[0], {}) if parent else out)[leaf] = float(value)
+  return dict(values=seeds, mean=mean, std=std, per_seed={str(s): f"{SEEDS}/{s}/metrics.json" for s in seeds})
 
 
 def feature_cache(workdir: str | pathlib.Path) -> tuple[framework.PatchFeatures, list[str]]:

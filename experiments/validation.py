@@ -46,6 +46,8 @@ def _positive():
 
 BOUNDS = {
     "image_size": _positive(),
+    "seeds": (lambda value: all(type(s) is int for s in value) and len(set(value)) == len(value),
+              "must be distinct integers, e.g. --config.seeds=0,1,2"),
     "batch_size": _at_least(1),
     "gallery_size": _at_least(0),
     "data.limit": _at_least(0),

@@ -20,6 +20,10 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 
 VOC_TAR_NAME = "VOCtrainval_11-May-2012.tar"
+# The VOC2012 class names in label order (0 = background), as the devkit lists them.
+VOC_CLASSES = ("background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
+               "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train",
+               "tvmonitor")
 
 
 def voc_palette() -> list[int]:
@@ -230,6 +234,12 @@ def make_coco(root, *, n_train: int = 2, n_val: int = 4, zipped: bool = True,
         (root / name).parent.mkdir(parents=True, exist_ok=True)
         (root / name).write_bytes(data)
   return ids
+
+
+# A segment run small enough for tests: random weights, 4 x 4 patches, few CRF iterations.
+SMALL_SEGMENT = {"model.weights": "random", "image_size": 56, "batch_size": 2, "method.num_classes": 3,
+                 "method.num_categories": 2, "crf.iterations": 5, "gallery_size": 4,
+                 "method.sample_budget": 40}  # < the 80 patches: the levels depend on the sampling keys
 
 
 def segment_config(path, **overrides):

@@ -29,9 +29,7 @@ from jaxseg import framework
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 ENV = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3")
 NUM_CLASSES = 3
-SMALL = {"model.weights": "random", "image_size": 56, "batch_size": 2, "method.num_classes": NUM_CLASSES,
-         "method.num_categories": 2, "crf.iterations": 5, "gallery_size": 4,
-         "method.sample_budget": 40}  # < the 80 patches: the levels depend on the sampling keys
+SMALL = {**fixtures.SMALL_SEGMENT, "method.num_classes": NUM_CLASSES}
 PASSES = ("features", "dataset_level", "category_level", "image_level", "refinement", "descriptors", "classes",
           "predictions", "report")
 SCORES = ("miou", "pixel_accuracy", "fg_iou", "fg_iou_levels", "per_class_iou", "num_images", "fg_fraction",
@@ -88,13 +86,18 @@ def _check_metrics_against_recomputation(workdir: pathlib.Path, root: pathlib.Pa
   assert metrics["num_images"] == len(ids)
   seg = root / "manual" / "VOCdevkit" / "VOC2012" / "SegmentationClass"
   cm = np.zeros((num_classes + 1, 21), np.int64)
+  matched = np.zeros((21, 21), np.int64)  # the per-image protocol: rows = the class each image matched a cluster to
   inter = union = 0
   for image_id in ids:
     gt = np.array(PIL.Image.open(seg / f"{image_id}.png"))
     pred = predictions[f"{image_id}.png"]
     assert pred.shape == gt.shape and pred.max() <= num_classes
     counted = gt != 255
-    np.add.at(cm, (pred[counted], gt[counted]), 1)
+    image_cm = np.zeros_like(cm)
+    np.add.at(image_cm, (pred[counted], gt[counted]), 1)
+    cm += image_cm
+    for r, c in zip(*scipy.optimize.linear_sum_assignment(image_cm, maximize=True)):
+      matched[c] += image_cm[r]
     mask = np.array(PIL.Image.open(workdir / "masks" / f"{image_id}.png")).astype(bool)
     assert np.array_equal(mask, pred > 0)
     inter += np.sum(mask & (gt > 0) & counted)
@@ -107,6 +110,13 @@ def _check_metrics_against_recomputation(workdir: pathlib.Path, root: pathlib.Pa
   assert metrics["miou"] == pytest.approx(iou[present].mean(), abs=1e-9)
   assert metrics["pixel_accuracy"] == pytest.approx(cm[rows, cols].sum() / cm.sum(), abs=1e-9)
   assert metrics["fg_iou"] == pytest.approx(inter / union, abs=1e-9)
+  per_image = metrics["per_image_matching"]
+  per_image_iou = np.diag(matched) / np.maximum(cm.sum(0) + matched.sum(1) - np.diag(matched), 1)
+  assert per_image["miou"] == pytest.approx(per_image_iou[present].mean(), abs=1e-9)
+  assert per_image["pixel_accuracy"] == pytest.approx(np.trace(matched) / cm.sum(), abs=1e-9)
+  assert per_image["per_class_iou"] == pytest.approx(
+      {name: per_image_iou[c] for c, name in enumerate(fixtures.VOC_CLASSES) if present[c]}, abs=1e-9)
+  assert "inside each image" in per_image["note"] and "not the dataset-level mIoU" in per_image["note"]
 
 
 @pytest.mark.slow
@@ -246,5 +256,9 @@ def test_missing_weights_offline_gives_one_clear_message(voc, tmp_path):
   out = subprocess.run(_command(workdir, *flags), cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
   assert out.returncode != 0
   assert "huggingface.co" in out.stderr and str(tmp_path / "cache") in out.stderr
+  assert "--config.model.weights=random" in out.stderr  # the offline smoke run, with its exact flag
+  errors = [line for line in out.stderr.splitlines() if "huggingface.co" in line]
+  assert len(errors) == 1 and errors[0].startswith("error: "), errors  # printed once, as the one error line
+  assert "bilateral_srgb" not in out.stderr  # ... and not after a config dump
   assert "Traceback" not in out.stderr
   assert not any((workdir / "features").glob("*.npz"))

@@ -44,9 +44,11 @@ class RunContext:
   source: object
   images: list[dict]  # per run image, in order: {"index", "id", "size": [H, W], optional "file": [bytes, mtime_ns]}
   vit: models.ViTConfig
-  key: jax.Array
+  key: jax.Array  # jax.random.key(seed): the seed-dependent passes' keys derive from it
   mesh: jax.sharding.Mesh  # this process's devices; per-chunk work runs data-parallel over them
   process: tuple[int, int] = (0, 1)  # (index, count); process p owns the chunks c with c % count == p
+  seed: int = 0  # the seed-dependent passes' seed (one of config.seeds); the weights' init uses config.seed
+  shared: pathlib.Path | None = None  # with config.seeds: the run's workdir (features/), workdir = seeds/<seed>
   fingerprints: dict = dataclasses.field(default_factory=dict)  # pass name -> fingerprint
   field_digests: dict = dataclasses.field(default_factory=dict)  # pass name -> digest of its config fields only
   effective: dict = dataclasses.field(default_factory=dict)  # values used where the config asked for more
@@ -96,7 +98,8 @@ class RunContext:
     return len(self.images) * h * w
 
   def path(self, folder: str, c: int) -> pathlib.Path:
-    return self.workdir / folder / f"{c:06d}.npz"
+    base = self.shared if folder == "features" and self.shared is not None else self.workdir  # one cache per run
+    return base / folder / f"{c:06d}.npz"
 
   def image_path(self, folder: str, image_id: str) -> pathlib.Path:
     return self.workdir / folder / f"{image_id}.png"

@@ -36,7 +36,7 @@ def descriptor_fields(ctx: RunContext) -> dict:
 
 
 def class_fields(ctx: RunContext) -> dict:
-  return {"seed": ctx.config.seed, **levels.method_fields(ctx, "num_classes", "sample_budget", "kmeans_n_init",
+  return {"seed": ctx.seed, **levels.method_fields(ctx, "num_classes", "sample_budget", "kmeans_n_init",
                                                           "kmeans_max_iter", "kmeans_tol")}
 
 

@@ -24,11 +24,11 @@ def method_fields(ctx: RunContext, *names: str) -> dict:
 
 
 def dataset_fields(ctx: RunContext) -> dict:
-  return {"seed": ctx.config.seed, **method_fields(ctx, "dataset_k", "fg_prior", *_KMEANS)}
+  return {"seed": ctx.seed, **method_fields(ctx, "dataset_k", "fg_prior", *_KMEANS)}
 
 
 def category_fields(ctx: RunContext) -> dict:
-  return {"seed": ctx.config.seed, **method_fields(ctx, "num_categories", *_KMEANS)}
+  return {"seed": ctx.seed, **method_fields(ctx, "num_categories", *_KMEANS)}
 
 
 def _dataset_path(ctx: RunContext):
