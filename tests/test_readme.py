@@ -6,8 +6,8 @@
   steps (`python3 -m venv`, `. .venv/bin/activate`, `pip install`) and `python -m pytest` are what CI
   runs and are skipped. `python -m experiments.segment --config=configs/demo.py` needs no network with
   random weights, so it runs, in a temporary HOME and workdir, with a 56-pixel input and
-  crf.iterations=0 (the CRF's one compile per photo size would double the time; test_crf and
-  test_segment cover it), and must write metrics.json.
+  crf.iterations=0 (compiling the CRF's bucket programs would double the time; test_crf,
+  test_refine and test_segment cover it), and must write metrics.json.
   Every other `python -m experiments.<binary>` needs data or weights that are not here, so it is
   checked as an absl invocation: (1) the command with --helpfull appended exits as absl's help does
   (status 1, see HELP_EXIT) and prints neither a traceback nor an `error:` line; (2) every argument
