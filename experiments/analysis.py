@@ -56,6 +56,7 @@ import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
 
 import jaxseg.data
 from experiments import common
+from experiments.errors import UserValueError
 from jaxseg import models
 from jaxseg.cluster.stream import reservoir_add
 from jaxseg.cluster.stream import reservoir_init
@@ -111,11 +112,11 @@ def cells(config: ml_collections.ConfigDict, vit: models.ViTConfig, name: str) -
   """The (block, feature) cells of a backbone: config.blocks (() = all) x config.features."""
   unknown = sorted(set(config.features) - set(FEATURES))
   if unknown or not config.features:
-    raise ValueError(f"config.features: unknown {unknown} (or empty); choose from {FEATURES}")
+    raise UserValueError(f"config.features: unknown {unknown} (or empty); choose from {FEATURES}")
   blocks = config.blocks or range(vit.depth)
   bad = [b for b in blocks if not -vit.depth <= b < vit.depth]
   if bad:
-    raise ValueError(f"config.blocks {bad} out of range for {name} (depth {vit.depth})")
+    raise UserValueError(f"config.blocks {bad} out of range for {name} (depth {vit.depth})")
   blocks = sorted({b % vit.depth for b in blocks})
   out = [Cell(b, f) for b in blocks for f in config.features if f != "cls-attention"]
   if "cls-attention" in config.features:
@@ -148,7 +149,7 @@ def _batch_labels(batch: dict, grid: tuple[int, int], split: str) -> tuple[np.nd
     if not valid:
       continue
     if mask is None:
-      raise ValueError(f"image {batch['id'][slot]!r} of split {split!r} has no ground-truth mask; the "
+      raise UserValueError(f"image {batch['id'][slot]!r} of split {split!r} has no ground-truth mask; the "
                        "analysis needs a labelled split")
     labels = probe.patch_labels(mask, grid).reshape(-1)
     target[slot], counted[slot] = labels == 1, labels >= 0
@@ -190,7 +191,7 @@ def fit_probes(config, backbone: Backbone, method: MethodConfig, source, count: 
   for number, cell in enumerate(tqdm.tqdm(backbone.cells, desc=f"{backbone.name}: probes", unit="cell")):
     sample = samples[cell]
     if not bool(jnp.any(sample.mask)):
-      raise ValueError(f"split {config.data.probe_split!r} has no labelled patch to fit a probe on")
+      raise UserValueError(f"split {config.data.probe_split!r} has no labelled patch to fit a probe on")
     probes[cell] = probe.fit_probe(sample.points[:, :-1], sample.points[:, -1] > 0.5, sample.mask,
                                    key=jax.random.fold_in(fit_key, number), steps=config.probe.steps,
                                    learning_rate=config.probe.learning_rate, l2=config.probe.l2,
@@ -257,7 +258,7 @@ def score_split(config, backbone: Backbone, method: MethodConfig, probes: dict, 
   cache.array.flush()
   target, counted = np.concatenate(targets), np.concatenate(counteds)
   if not counted.any():
-    raise ValueError(f"split {config.data.split!r} has no labelled patch to score")
+    raise UserValueError(f"split {config.data.split!r} has no labelled patch to score")
   split_features = PatchFeatures(patches=cache, cls=jnp.asarray(np.concatenate(cls)),
                                  attention=jnp.asarray(np.concatenate(attention)),
                                  valid=jnp.asarray(np.concatenate(valid)))
@@ -316,7 +317,7 @@ def _load(data, split: str):
 def _count(source, limit: int, split: str, name: str) -> int:
   count = len(source) if not limit else min(limit, len(source))
   if count == 0:
-    raise ValueError(f"{name} split {split!r} has no images")
+    raise UserValueError(f"{name} split {split!r} has no images")
   return count
 
 
@@ -329,7 +330,7 @@ def analyze_backbone(config, name: str, workdir: pathlib.Path, method: MethodCon
     if saved["settings"] != _settings(config):
       changed = sorted(k for k in set(saved["settings"]) | set(_settings(config))
                        if saved["settings"].get(k) != _settings(config).get(k))
-      raise ValueError(f"{result_path} was computed with other settings (fields {changed} differ); use a new "
+      raise UserValueError(f"{result_path} was computed with other settings (fields {changed} differ); use a new "
                        "--workdir, or the config of that run")
     logging.info("%s: already analysed, reusing %s", name, result_path)
     return saved["rows"]
@@ -357,7 +358,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> list[
   for name in config.backbones:
     patch = models.get_variant(name).patch_size
     if config.image_size % patch:
-      raise ValueError(f"image_size={config.image_size} is not a multiple of {name}'s patch size {patch}; "
+      raise UserValueError(f"image_size={config.image_size} is not a multiple of {name}'s patch size {patch}; "
                        f"pick a multiple of {math.lcm(*(models.get_variant(b).patch_size for b in config.backbones))}")
   if config.model.weights == "random":
     logging.warning("=" * 70 + "\nmodel.weights=random: RANDOMLY INITIALISED ViTs. Every score of this analysis "

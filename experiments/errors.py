@@ -38,6 +38,10 @@ class UserError(Exception):
   exit_code = EXIT_CODE
 
 
+class UserValueError(UserError, ValueError):
+  """A UserError that is also a ValueError, for runners that research code calls and catches ValueError from."""
+
+
 def one_line(text: str) -> str:
   """text with its line breaks and runs of blanks collapsed: error messages are one line."""
   return re.sub(r"\s*\n\s*", "; ", str(text).strip()).replace("\t", " ")
