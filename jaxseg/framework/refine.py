@@ -3,7 +3,8 @@
 A split of many image sizes runs in a few compiled programs. Each image is
 flattened (the CRF needs only row-major pixels: x = i % W, y = i // W from a
 traced W) and padded to a bucket of PIXEL_BUCKETS pixels with a validity mask;
-the images of a bucket are refined together, vmapped and sharded over the
+the images of a bucket are refined together (lax.map on each device: vmap
+compiled the lattice 2-3x slower) and sharded over the
 mesh. Per bucket, two programs:
 
   _prepare    upsampling of the level scores and the fused probability to the
