@@ -245,7 +245,11 @@ SMALL_SEGMENT = {"model.weights": "random", "image_size": 56, "batch_size": 2, "
 def segment_config(path, **overrides):
   """A configs/*.py file's config with dotted-name overrides, e.g. segment_config(p, **{"crf.iterations": 2})."""
   from experiments import common  # pylint: disable=g-import-not-at-top
-  config = common.load_config_file(path)
+  return override(common.load_config_file(path), **overrides)
+
+
+def override(config, **overrides):
+  """config (a ConfigDict) with dotted-name overrides applied in place, e.g. override(c, **{"crf.iterations": 2})."""
   for name, value in overrides.items():
     *parents, leaf = name.split(".")
     node = config

@@ -171,14 +171,7 @@ def test_framework_scores_from_a_float16_cache_find_planted_foreground(tmp_path)
 
 
 def _config(**changes):
-  config = analyze_voc.get_config()
-  for name, value in changes.items():
-    node = config
-    *parents, leaf = name.split(".")
-    for parent in parents:
-      node = node[parent]
-    node[leaf] = value
-  return config
+  return fixtures.override(analyze_voc.get_config(), **changes)
 
 
 def test_bad_image_size_and_blocks_are_named(tmp_path):

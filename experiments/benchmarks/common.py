@@ -1,5 +1,8 @@
 """Timing helpers shared by the benchmarks."""
 
+import json
+import subprocess
+import sys
 import time
 
 
@@ -25,3 +28,21 @@ def row(name: str, jaxseg_s: float, ref_s: float, unit: str = "s", extra: str = 
     line += "  " + extra
   print(line, flush=True)
   return line
+
+
+_RESULT_MARK = "BENCHMARK_RESULT "
+
+
+def run_worker(call: str, what: str, env: dict | None = None) -> dict:
+  """The dict that `call` returns in a fresh subprocess (with env), e.g. run_worker("split.worker('many')", ...).
+
+  call: an expression on a module of experiments/benchmarks (its first dotted name), returning JSON-able data.
+  """
+  module = call.split(".", 1)[0]
+  code = (f"import json; from experiments.benchmarks import {module}; "
+          f"print({_RESULT_MARK!r} + json.dumps({call}))")
+  done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=3600)
+  if done.returncode != 0:
+    raise RuntimeError(f"{what} failed:\n{done.stderr[-4000:]}")
+  line = next(l for l in done.stdout.splitlines() if l.startswith(_RESULT_MARK))
+  return json.loads(line[len(_RESULT_MARK):])

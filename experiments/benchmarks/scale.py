@@ -14,15 +14,14 @@ over split points is quadratic under GSPMD: the runner keeps that k-means whole)
   python -m experiments.benchmark --only=scale
 """
 
-import json
 import os
 import subprocess
 import sys
 
 from experiments.benchmarks.common import row
+from experiments.benchmarks.common import run_worker
 
 HOST_DEVICE_COUNTS = (1, 2, 4)
-_MARK = "SCALE_RESULT "
 # (batch of images, image side, k-means points); accelerators get a batch per device.
 _CPU_SIZES = dict(batch=8, side=224, points=100_000)
 _ACCELERATOR_SIZES = dict(batch=32, side=448, points=1_000_000)
@@ -62,13 +61,8 @@ def worker(num_devices: int, batch: int, side: int, points: int, per_device: boo
 
 
 def _spawn(num_devices: int, env: dict, sizes: dict, per_device: bool) -> dict:
-  code = ("import json, sys; from experiments.benchmarks import scale; "
-          f"print({_MARK!r} + json.dumps(scale.worker({num_devices}, **{sizes!r}, per_device={per_device})))")
-  done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=3600)
-  if done.returncode != 0:
-    raise RuntimeError(f"scale benchmark worker ({num_devices} devices) failed:\n{done.stderr[-4000:]}")
-  line = next(l for l in done.stdout.splitlines() if l.startswith(_MARK))
-  return json.loads(line[len(_MARK):])
+  return run_worker(f"scale.worker({num_devices}, **{sizes!r}, per_device={per_device})",
+                    f"scale benchmark worker ({num_devices} devices)", env)
 
 
 def _rows(results: list[dict], kind: str) -> None:

@@ -18,14 +18,12 @@ amortises over a real split; the 24-image rows are mostly compilation.
   python -m experiments.benchmark --only=split
 """
 
-import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 
 from experiments.benchmarks.common import row
+from experiments.benchmarks.common import run_worker
 
 NUM_IMAGES = 24
 # A split at the scale where compiling amortises (VOC val: 1449 images in 4 buckets).
@@ -33,7 +31,6 @@ LARGE_NUM_IMAGES = 120
 GRID = (32, 32)
 COMMON_SIZES = ((375, 500), (500, 375), (333, 500))
 _PHOTOS = ("chelsea", "coffee", "astronaut", "rocket", "hubble_deep_field", "immunohistochemistry")
-_MARK = "SPLIT_RESULT "
 
 
 def sizes(kind: str, num_images: int = NUM_IMAGES, seed: int = 0) -> list[tuple[int, int]]:
@@ -96,13 +93,7 @@ def spawn(kind: str, num_images: int = NUM_IMAGES, batch_size: int = 1) -> dict:
   """worker() in a fresh subprocess with the persistent compilation cache off."""
   env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_COMPILATION_CACHE")}
   env["JAX_ENABLE_COMPILATION_CACHE"] = "false"
-  code = ("import json; from experiments.benchmarks import split; "
-          f"print({_MARK!r} + json.dumps(split.worker({kind!r}, {num_images}, {batch_size})))")
-  done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=3600)
-  if done.returncode != 0:
-    raise RuntimeError(f"split benchmark worker ({kind}) failed:\n{done.stderr[-4000:]}")
-  line = next(l for l in done.stdout.splitlines() if l.startswith(_MARK))
-  return json.loads(line[len(_MARK):])
+  return run_worker(f"split.worker({kind!r}, {num_images}, {batch_size})", f"split benchmark worker ({kind})", env)
 
 
 def reference_seconds(kind: str, num_images: int = NUM_IMAGES) -> tuple[float, list[int]]:
