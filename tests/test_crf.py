@@ -251,6 +251,21 @@ def test_lattice_matches_across_capacity_rungs():
   np.testing.assert_allclose(apply_filter(lattice, values), full, rtol=1e-6, atol=1e-6)
 
 
+def test_segments_of_one_lattice_filter_as_if_each_were_alone():
+  # Two point sets over the same region of feature space: with a segment word they share no lattice point.
+  rng = np.random.default_rng(3)
+  parts = [rng.random((n, 5)).astype(np.float32) * 4 for n in (300, 200)]
+  values = [rng.random((len(p), 3)).astype(np.float32) for p in parts]
+  segment = jnp.asarray(np.repeat([0, 1], [len(p) for p in parts]).astype(np.int32))
+  features = jnp.asarray(np.concatenate(parts))
+  joint = jax.jit(lambda f, s: lattice_lib.lattice_at(lattice_lib.lattice_points(f, s), 6 * len(f)))(features, segment)
+  filtered = np.asarray(apply_filter(joint, jnp.asarray(np.concatenate(values))))
+  alone = [np.asarray(apply_filter(build(jnp.asarray(p)), jnp.asarray(v))) for p, v in zip(parts, values)]
+  np.testing.assert_allclose(filtered, np.concatenate(alone), rtol=1e-6, atol=1e-6)
+  separate = sum(int(build(jnp.asarray(p)).num_points) for p in parts)
+  assert int(joint.num_points) == separate
+
+
 @pytest.mark.parametrize("num_entries, key_range", [(64, 6), (5000, 12), (5000, 1000)])
 def test_hash_table_ids_follow_first_occurrence(num_entries, key_range):
   rng = np.random.default_rng(num_entries + key_range)

@@ -1,4 +1,4 @@
-"""framework.refine_stream (bucketed, batched refinement) against jax.image.resize, pydensecrf and numpy counts."""
+"""framework.refine_stream (images packed into canvases, batched) against jax.image.resize, pydensecrf and numpy counts."""
 
 import os
 import pathlib
@@ -69,16 +69,31 @@ def test_upsample_flat_equals_jax_image_resize():
       np.testing.assert_allclose(flat[k, :height * width].reshape(height, width), want, atol=1e-6)
 
 
+def packing_spy(monkeypatch):
+  """Records, for every batch refine_stream runs, the number of images in each canvas."""
+  batches = []
+  run = refine_lib._run_canvases
+
+  def spy(canvases, *args):
+    batches.append([len(canvas.items) for canvas in canvases])
+    return run(canvases, *args)
+
+  monkeypatch.setattr(refine_lib, "_run_canvases", spy)
+  return batches
+
+
 @pytest.mark.slow
-def test_stream_of_many_sizes_matches_independent_computation_in_few_programs():
-  # 18 sizes in 2 pixel buckets (8192 and 16384); the last item has no truth.
+def test_stream_of_many_sizes_matches_independent_computation_in_few_programs(monkeypatch):
+  # 18 sizes, all packed into canvases of MIN_CANVAS pixels; the last item has no truth.
   sizes = [(64 + 3 * i, 100 - 2 * i) for i in range(9)] + [(100 + 3 * i, 130 - 2 * i) for i in range(9)]
   items = [make_item(i, size, seed=i, with_truth=i != len(sizes) - 1) for i, size in enumerate(sizes)]
-  buckets = {refine_lib.pixel_bucket(h * w) for h, w in sizes}
-  assert buckets == {8192, 16384}
+  canvases = {refine_lib.canvas_pixels(h * w) for h, w in sizes}
+  assert canvases == {refine_lib.MIN_CANVAS}
+  batches = packing_spy(monkeypatch)
   before = framework.refine_programs()
   results = dict(framework.refine_stream(items, CRF))
   compiled = framework.refine_programs() - before
+  assert sum(map(sum, batches)) == len(sizes) and max(map(max, batches)) > 1  # images shared canvases
   assert sorted(results) == list(range(len(sizes)))
   for item in items:
     got, masks = results[item.key], expected(item)
@@ -86,21 +101,49 @@ def test_stream_of_many_sizes_matches_independent_computation_in_few_programs():
     assert np.mean(got.mask == masks[4]) >= 0.995
     np.testing.assert_array_equal(got.fg_pixels, [int(m.sum()) for m in masks[:4]] + [int(got.mask.sum())])
     np.testing.assert_array_equal(got.counts, numpy_counts(masks[:4] + [got.mask], item.truth))
-  # The documented bound, buckets x (1 + rungs + 1), is below the number of sizes.
-  bound = sum(2 + len(refine_lib.bilateral_rungs(b)) for b in buckets)
+  # The documented bound, canvas sizes x (1 + bilateral rungs x Gaussian rungs), is below the number of sizes.
+  bound = sum(1 + len(refine_lib.bilateral_rungs(c)) * len(refine_lib.gaussian_rungs(c, CRF.gaussian_sxy))
+              for c in canvases)
   assert bound < len(sizes) and compiled <= bound, (compiled, bound)
 
 
 @pytest.mark.slow
-def test_batch_mixing_sizes_in_one_bucket_matches_pydensecrf_image_by_image():
-  sizes = [(150, 210), (140, 200), (128, 250)]  # 31,500 / 28,000 / 32,000 pixels: the 32,768 bucket
-  assert {refine_lib.pixel_bucket(h * w) for h, w in sizes} == {32768}
+def test_batch_mixing_sizes_in_one_canvas_matches_pydensecrf_image_by_image(monkeypatch):
+  sizes = [(150, 210), (140, 200), (128, 250)]
   items = [make_item(i, size, seed=10 + i, photo="coffee") for i, size in enumerate(sizes)]
+  batches = packing_spy(monkeypatch)
   prepared_before = refine_lib._prepare._cache_size()
   results = dict(framework.refine_stream(items, CRF, batch_size=3))
+  assert batches == [[3]]  # one canvas holds all three
   assert refine_lib._prepare._cache_size() - prepared_before <= 1  # one batch, one program
   for item in items:
     assert np.mean(results[item.key].mask == expected(item)[4]) >= 0.995
+
+
+def test_packed_images_refine_exactly_as_each_alone(monkeypatch):
+  # Overlapping positions and colours (crops of one photo): only the lattices' image word keeps them apart.
+  crf = framework.CRFConfig(iterations=3)
+  items = [make_item(i, size, seed=20 + i) for i, size in enumerate([(40, 50), (44, 52), (40, 50), (37, 61)])]
+  batches = packing_spy(monkeypatch)
+  packed = dict(framework.refine_stream(items, crf))
+  assert batches == [[4]]
+  for item in items:
+    (_, alone), = framework.refine_stream([item], crf)
+    np.testing.assert_array_equal(packed[item.key].mask, alone.mask)
+    np.testing.assert_array_equal(packed[item.key].fg_pixels, alone.fg_pixels)
+    np.testing.assert_array_equal(packed[item.key].counts, alone.counts)
+
+
+def test_canvases_fill_first_fit_and_flush_the_fullest(monkeypatch):
+  # 300 x 500 = 150,000 pixels: one per canvas of 262,144 (two would not fit); 60 x 50 ones fill the gaps.
+  crf = framework.CRFConfig(iterations=0)
+  big = [make_item(f"big{i}", (300, 500), seed=i) for i in range(5)]
+  small = [make_item(f"small{i}", (60, 50), seed=i) for i in range(3)]
+  batches = packing_spy(monkeypatch)
+  results = dict(framework.refine_stream(big[:4] + small + big[4:], crf))
+  # 4 canvases open (batch rows + 3); the smalls go into the first; the fifth big flushes the fullest one.
+  assert batches == [[4], [1], [1], [1], [1]], batches
+  assert sorted(results) == sorted(item.key for item in big + small)
 
 
 def test_single_image_refine_and_no_crf():
@@ -146,12 +189,12 @@ def _peak_rss_kb(sizes) -> int:
 
 @pytest.mark.slow
 def test_peak_rss_does_not_grow_with_the_number_of_sizes():
-  # 16 images in 16 sizes vs in 3 sizes, sides 129-180: the same pixel bucket (32,768) for both.
+  # 16 images in 16 sizes vs in 3 sizes, sides 129-180: the same canvas size for both.
   rng = np.random.default_rng(0)
   many = [(int(h), int(w)) for h, w in zip(rng.permutation(np.arange(130, 180, 3))[:16], rng.integers(129, 180, 16))]
   few = [((130, 130), (150, 170), (179, 179))[i % 3] for i in range(16)]
   assert len(set(many)) == 16
-  assert {refine_lib.pixel_bucket(h * w) for h, w in many} == {refine_lib.pixel_bucket(h * w) for h, w in few}
+  assert {refine_lib.canvas_pixels(h * w) for h, w in many} == {refine_lib.canvas_pixels(h * w) for h, w in few}
   rss_many, rss_few = _peak_rss_kb(many), _peak_rss_kb(few)
   assert rss_many <= 1.15 * rss_few, (rss_many, rss_few)
 

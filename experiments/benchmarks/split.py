@@ -26,7 +26,7 @@ from experiments.benchmarks.common import row
 from experiments.benchmarks.common import run_worker
 
 NUM_IMAGES = 24
-# A split at the scale where compiling amortises (VOC val: 1449 images in 4 buckets).
+# A split at the scale where compiling amortises (VOC val: 1449 images, one canvas size).
 LARGE_NUM_IMAGES = 120
 GRID = (32, 32)
 COMMON_SIZES = ((375, 500), (500, 375), (333, 500))

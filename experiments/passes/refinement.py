@@ -3,8 +3,9 @@
     masks/<id>.png        the refined binary mask, stamped with the fingerprint and its per-level pixel counts
     fg_stats/NNNNNN.npz   per chunk: fg pixels and (intersection, union) per level against the ground truth
 
-All refinement goes through jaxseg.framework.refine_stream: batched by pixel-count bucket, so a split
-compiles a few programs whatever its number of sizes; results come back out of order. A mask already on
+All refinement goes through jaxseg.framework.refine_stream: images packed into canvases of a few fixed
+pixel counts, so a split compiles a few programs whatever its number of sizes; results come back out of
+order. A mask already on
 disk under the current fingerprint is reused with the counts stamped in it, so a resumed run refines only
 what is missing.
 """
@@ -18,7 +19,7 @@ from absl import logging
 from experiments.passes import context
 from experiments.passes.context import RunContext
 from jaxseg import framework
-from jaxseg.framework.refine import pixel_bucket
+from jaxseg.framework.refine import canvas_pixels
 
 NAME = "refinement"
 FG_LEVELS = framework.FG_LEVELS
@@ -59,10 +60,10 @@ def run(ctx: RunContext) -> None:
   for c in todo:
     _save_chunk_if_done(ctx, c, pending, done)
   sizes = {image["index"]: image["size"] for image in ctx.images}
-  buckets = sorted({pixel_bucket(int(np.prod(sizes[i]))) or 0 for i, _, _ in items})
-  logging.info("refinement: %d images in %d pixel buckets %s; each bucket's CRF programs compile on first use "
-               "(seconds each on CPU), then every image of the bucket reuses them", len(items), len(buckets),
-               [b for b in buckets if b])
+  canvases = sorted({canvas_pixels(int(np.prod(sizes[i]))) or 0 for i, _, _ in items})
+  logging.info("refinement: %d images packed into canvases of %s pixels; each canvas size's CRF programs "
+               "compile on first use (seconds each on CPU), then every canvas of that size reuses them",
+               len(items), [c for c in canvases if c])
   before = framework.refine_programs()
   stream = framework.refine_stream(refine_items(), ctx.method.crf, batch_size=ctx.config.batch_size, mesh=ctx.mesh)
   bar = tqdm.tqdm(stream, total=len(items), desc="refinement (CRF)", unit="image")

@@ -23,7 +23,7 @@ def flat_positions(num_pixels: int, width: jnp.ndarray) -> jnp.ndarray:
   return jnp.stack([index % width, index // width], axis=-1).astype(jnp.float32)
 
 
-def crf_features(pixels: jnp.ndarray, valid: jnp.ndarray, width: jnp.ndarray, *, gaussian_sxy: float,
+def crf_features(pixels: jnp.ndarray, valid: jnp.ndarray, position: jnp.ndarray, *, gaussian_sxy: float,
                  bilateral_sxy: float, bilateral_srgb: float) -> Tuple[jnp.ndarray, jnp.ndarray]:
   """Features of both kernels of a flat image, pydensecrf's (x/sxy, y/sxy) and (x/sxy, y/sxy, rgb/srgb).
 
@@ -32,14 +32,13 @@ def crf_features(pixels: jnp.ndarray, valid: jnp.ndarray, width: jnp.ndarray, *,
   and change no blur (a zero point created by them would still pass mass on).
 
   Args:
-    pixels: [N, 3] uint8 RGB, row-major.
+    pixels: [N, 3] uint8 RGB.
     valid: [N] bool.
-    width: [] int32 (traced or static), the row length that positions follow.
+    position: [N, 2] float32 (x, y) of each pixel, e.g. flat_positions(N, W) for row-major pixels.
 
   Returns:
     ([N, 2] float32, [N, 5] float32).
   """
-  position = flat_positions(pixels.shape[0], width)
   features = jnp.concatenate([position / np.float32(bilateral_sxy),
                               pixels.astype(jnp.float32) / np.float32(bilateral_srgb),
                               position / np.float32(gaussian_sxy)], axis=-1)
@@ -48,8 +47,9 @@ def crf_features(pixels: jnp.ndarray, valid: jnp.ndarray, width: jnp.ndarray, *,
 
 
 def _valid_features(features: jnp.ndarray, valid: jnp.ndarray) -> jnp.ndarray:
-  """features [N, d] with invalid rows replaced by the first valid one (valid: [N] bool)."""
-  return jnp.where(valid[:, None], features, features[jnp.argmax(valid)])
+  """features [N, ...] with invalid rows replaced by the first valid one (valid: [N] bool)."""
+  first = features[jnp.argmax(valid)]
+  return jnp.where(valid.reshape(valid.shape + (1,) * (features.ndim - 1)), features, first)
 
 
 def gaussian_lattice(height: int, width: int, sxy: float, valid: Optional[jnp.ndarray] = None) -> Lattice:
@@ -184,15 +184,20 @@ class KernelPoints(NamedTuple):
   bilateral: lattice_lib.LatticePoints
 
 
-def kernel_points(pixels: jnp.ndarray, valid: jnp.ndarray, width: jnp.ndarray, *, gaussian_sxy: float,
-                  bilateral_sxy: float, bilateral_srgb: float) -> KernelPoints:
+def kernel_points(pixels: jnp.ndarray, valid: jnp.ndarray, position: jnp.ndarray, *, gaussian_sxy: float,
+                  bilateral_sxy: float, bilateral_srgb: float,
+                  segment: Optional[jnp.ndarray] = None) -> KernelPoints:
   """Lattice points of a flat image's two kernels; `num_unique` of each tells the capacity it needs.
 
-  Args: as crf_features (pixels [N, 3] uint8, valid [N] bool, width [] int32).
+  Args: as crf_features (pixels [N, 3] uint8, valid [N] bool, position [N, 2] float32), and
+    segment: optional [N] int32 image of each pixel when several images share the arrays: each is
+      then its own CRF (lattice.lattice_points); invalid pixels join the first valid one's image.
   """
-  gaussian, bilateral = crf_features(pixels, valid, width, gaussian_sxy=gaussian_sxy,
+  gaussian, bilateral = crf_features(pixels, valid, position, gaussian_sxy=gaussian_sxy,
                                      bilateral_sxy=bilateral_sxy, bilateral_srgb=bilateral_srgb)
-  return KernelPoints(lattice_lib.lattice_points(gaussian), lattice_lib.lattice_points(bilateral))
+  if segment is not None:
+    segment = _valid_features(segment, valid)
+  return KernelPoints(lattice_lib.lattice_points(gaussian, segment), lattice_lib.lattice_points(bilateral, segment))
 
 
 class _Kernels(NamedTuple):
@@ -325,11 +330,12 @@ def dense_crf(image: jnp.ndarray, unary: jnp.ndarray, *, valid: Optional[jnp.nda
   if gaussian is not None and gaussian.offsets.shape != (height * width, 3):
     raise ValueError(f"dense_crf: gaussian must be gaussian_lattice({height}, {width}, ...), got a lattice of "
                      f"offsets {gaussian.offsets.shape}.")
+  position = flat_positions(height * width, width)
   if gaussian is None:
-    points = kernel_points(image.reshape(-1, 3), valid.reshape(-1), width, gaussian_sxy=gaussian_sxy,
+    points = kernel_points(image.reshape(-1, 3), valid.reshape(-1), position, gaussian_sxy=gaussian_sxy,
                            bilateral_sxy=bilateral_sxy, bilateral_srgb=bilateral_srgb)
   else:
-    _, bilateral = crf_features(image.reshape(-1, 3), valid.reshape(-1), width, gaussian_sxy=gaussian_sxy,
+    _, bilateral = crf_features(image.reshape(-1, 3), valid.reshape(-1), position, gaussian_sxy=gaussian_sxy,
                                 bilateral_sxy=bilateral_sxy, bilateral_srgb=bilateral_srgb)
     points = KernelPoints(None, lattice_lib.lattice_points(bilateral))
   q = crf_marginals(points, energies.reshape(-1, num_labels), valid.reshape(-1), iterations=iterations,

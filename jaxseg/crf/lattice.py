@@ -60,7 +60,8 @@ class LatticePoints(NamedTuple):
   """The part of a lattice that does not depend on its capacity.
 
   offsets, weights: as in Lattice.
-  keys: [E, d] int32, E = (d+1) N lattice coordinates, vertex-major (entry r*N + i is vertex r of point i).
+  keys: [E, W] int32, E = (d+1) N lattice coordinates (W = d, or d + 1 with a segment word), vertex-major
+    (entry r*N + i is vertex r of point i).
   table: hash table of keys; table.num_unique is M.
   """
   offsets: jnp.ndarray
@@ -123,21 +124,23 @@ def _plus_steps(dim: int) -> np.ndarray:
   return steps
 
 
-def _find_neighbors(keys: jnp.ndarray, table: hash_table.HashTable, capacity: int) -> jnp.ndarray:
+def _find_neighbors(keys: jnp.ndarray, table: hash_table.HashTable, capacity: int, dim: int) -> jnp.ndarray:
   """Blur neighbours of every lattice point, searched chunk by chunk so the work follows M.
 
   Args:
-    keys: [E, d] int32, the keys the table was built from.
+    keys: [E, W] int32, the keys the table was built from: d lattice coordinates, then any segment word.
     table: their hash table.
     capacity: static C.
+    dim: static d.
 
   Returns:
     [d+1, 2, C+1] int32: -1 and +1 neighbours along each direction, C where absent.
   """
-  dim = keys.shape[1]
   rows = capacity + 1
   chunk = min(_SEARCH_CHUNK, rows)
-  steps = jnp.asarray(_plus_steps(dim))
+  steps = np.zeros((dim + 1, keys.shape[1]), np.int32)
+  steps[:, :dim] = _plus_steps(dim)  # a neighbour is in the same segment
+  steps = jnp.asarray(steps)
   num_points = jnp.minimum(table.num_unique, capacity)
 
   def search(i, neighbors):
@@ -147,7 +150,8 @@ def _find_neighbors(keys: jnp.ndarray, table: hash_table.HashTable, capacity: in
     own = keys.at[table.first_entry.at[point].get(mode="clip")].get(mode="clip")
     queries = own[:, None, :] + steps  # [chunk, d+1, d]
     in_use = jnp.broadcast_to((point < num_points)[:, None], queries.shape[:-1])
-    hit = hash_table.lookup(table, keys, queries.reshape(-1, dim), in_use.reshape(-1)).reshape(chunk, dim + 1).T
+    hit = hash_table.lookup(table, keys, queries.reshape(-1, keys.shape[1]), in_use.reshape(-1))
+    hit = hit.reshape(chunk, dim + 1).T
     hit = jnp.where((hit < 0) | (hit >= capacity), capacity, hit)  # [d+1, chunk]
     neighbors = jax.lax.dynamic_update_slice(neighbors, hit[:, None, :], (0, 1, start))
     # b is a's +1 neighbour exactly when a is b's -1 neighbour; absent ones are dropped.
@@ -158,18 +162,21 @@ def _find_neighbors(keys: jnp.ndarray, table: hash_table.HashTable, capacity: in
   return jax.lax.fori_loop(0, num_chunks, search, jnp.full((dim + 1, 2, rows), capacity, jnp.int32))
 
 
-def lattice_points(features: jnp.ndarray) -> LatticePoints:
+def lattice_points(features: jnp.ndarray, segment: Optional[jnp.ndarray] = None) -> LatticePoints:
   """Simplices, keys and point ids of a point set: the capacity-independent part of build_lattice.
 
   Args:
     features: [N, d] float32, as for build_lattice.
+    segment: optional [N] int32; points of different segments share no lattice point, so one
+      lattice holds several independent point sets (e.g. images packed into one array) and
+      filters each as if it were alone.
 
   Returns:
     LatticePoints.
   """
   num_inputs, dim = features.shape
-  simplices = enclosing_simplices(features)
-  keys = simplices.keys.reshape(-1, dim)
+  simplices = enclosing_simplices(features, segment)
+  keys = simplices.keys.reshape((dim + 1) * num_inputs, -1)
   table = hash_table.insert(keys)
   offsets = table.entry_id.reshape(dim + 1, num_inputs).T
   return LatticePoints(offsets=offsets, weights=simplices.weights, keys=keys, table=table)
@@ -178,7 +185,7 @@ def lattice_points(features: jnp.ndarray) -> LatticePoints:
 def lattice_at(points: LatticePoints, capacity: int, capacities: Optional[Tuple[int, ...]] = None) -> Lattice:
   """The lattice of `points` with room for `capacity` points (static); filters use `capacities` (default (C,))."""
   return Lattice(offsets=points.offsets, weights=points.weights,
-                 neighbors=_find_neighbors(points.keys, points.table, capacity),
+                 neighbors=_find_neighbors(points.keys, points.table, capacity, points.offsets.shape[1] - 1),
                  num_points=points.table.num_unique, capacities=capacities or (capacity,))
 
 

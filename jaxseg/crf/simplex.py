@@ -9,7 +9,7 @@ Everything is computed one coordinate at a time on [N] vectors (the reference's
 pairwise rank loop, unrolled), which XLA turns into a few vectorised loops.
 """
 
-from typing import List, NamedTuple
+from typing import List, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -20,7 +20,8 @@ class Simplices(NamedTuple):
   """Each feature's enclosing simplex.
 
   keys: [d+1, N, d] int32, lattice coordinates of vertex r of each point's
-    simplex (the (d+1)-th coordinate is implied: coordinates sum to zero).
+    simplex (the (d+1)-th coordinate is implied: coordinates sum to zero);
+    [d+1, N, d+1] with the point's segment as a last word.
   weights: [N, d+1] float32, barycentric weights of those vertices (sum to 1).
   """
   keys: jnp.ndarray
@@ -55,14 +56,16 @@ def elevate(features: jnp.ndarray) -> List[jnp.ndarray]:
   return elevated
 
 
-def enclosing_simplices(features: jnp.ndarray) -> Simplices:
+def enclosing_simplices(features: jnp.ndarray, segment: Optional[jnp.ndarray] = None) -> Simplices:
   """Finds each feature's enclosing simplex in the permutohedral lattice A*_d.
 
   Args:
     features: [N, d] float32, already divided by the kernel's standard deviations.
+    segment: optional [N] int32, appended to every key as a last word (written in the same loop as the
+      coordinates: a concatenation afterwards copied all the keys).
 
   Returns:
-    Simplices with keys [d+1, N, d] int32 and weights [N, d+1] float32.
+    Simplices with keys [d+1, N, d] int32 ([d+1, N, d+1] with a segment) and weights [N, d+1] float32.
   """
   dim = features.shape[-1]
   n_vertices = dim + 1
@@ -104,6 +107,8 @@ def enclosing_simplices(features: jnp.ndarray) -> Simplices:
     """Vertex r = rem0 + canonical simplex r, canonical[r][k] = r - (d+1) if rank[k] > d - r."""
     keys, weights = keys_and_weights
     key = rem0_int + r - jnp.where(rank[:, :dim] > dim - r, n_vertices, 0)
+    if segment is not None:
+      key = jnp.concatenate([key, segment.astype(jnp.int32)[:, None]], axis=-1)
     u_r, u_previous = barycentric(r), barycentric((r + dim) % n_vertices)
     weight = jnp.where(r == 0, u_r + (1.0 - u_previous), u_r - u_previous)
     return (jax.lax.dynamic_update_index_in_dim(keys, key, r, axis=0),
@@ -111,6 +116,6 @@ def enclosing_simplices(features: jnp.ndarray) -> Simplices:
 
   num_inputs = rank.shape[0]
   keys, weights = jax.lax.fori_loop(
-      0, n_vertices, vertex, (jnp.zeros((n_vertices, num_inputs, dim), jnp.int32),
+      0, n_vertices, vertex, (jnp.zeros((n_vertices, num_inputs, dim + (segment is not None)), jnp.int32),
                               jnp.zeros((n_vertices, num_inputs), jnp.float32)))
   return Simplices(keys=keys, weights=weights.T)

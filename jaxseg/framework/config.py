@@ -20,11 +20,12 @@ class CRFConfig:
   which bounds the CRF's memory (a 4000 x 3000 photo would need ~15 GB);
   0 = always at full resolution. VOC (<= 500) and COCO (<= 640) are never scaled.
   Those images, and images smaller than the patch grid, are refined one by one
-  at their own size (one compilation per size); every other image is padded
-  to a pixel-count bucket (framework.refine.PIXEL_BUCKETS: powers of two) and
-  refined in batches, so a split compiles at most buckets x (1 + capacity
-  rungs + 1) programs whatever its number of sizes (a VOC split meets 4
-  buckets and 1-2 rungs per bucket).
+  at their own size (one compilation per size); every other image is packed
+  with others into a canvas of a fixed pixel count (framework.refine:
+  MIN_CANVAS = 2^18, or the image's power of two above it) and refined in
+  batches, so a split compiles at most canvas sizes x (1 + capacity rungs)
+  programs whatever its number of sizes (a VOC split: one canvas size and
+  usually one rung, i.e. 2 programs).
   """
   iterations: int = 10
   max_side: int = 1024

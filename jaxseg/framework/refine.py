@@ -1,27 +1,33 @@
 """Stage 5: upsample the patch probability to the image's own resolution and refine it with a dense CRF.
 
-A split of many image sizes runs in a few compiled programs. Each image is
-flattened (the CRF needs only row-major pixels: x = i % W, y = i // W from a
-traced W) and padded to a bucket of PIXEL_BUCKETS pixels with a validity mask;
-the images of a bucket are refined together (lax.map on each device: vmap
-compiled the lattice 2-3x slower) and sharded over the
-mesh. Per bucket, two programs:
+A split of many image sizes runs in a few compiled programs. The CRF needs
+only row-major pixels (x = i % W, y = i // W from a traced W), so images are
+flattened and packed, one after the other, into canvases: flat arrays of a
+fixed pixel count (canvas_pixels: at least MIN_CANVAS, else the image's
+power-of-two bucket of PIXEL_BUCKETS), up to CANVAS_SLOTS images each, first
+fit. Each pixel knows its image (its slot); lattice keys carry the slot, so the
+images of a canvas share no lattice point and each is refined exactly as if it
+were alone. Canvases are refined in batches (lax.map on each device: vmap
+compiled the lattice 2-3x slower) sharded over the mesh. Per canvas size, two
+programs:
 
-  _prepare    upsampling of the level scores and the fused probability to the
-              traced (H, W) (gathers; equal to jax.image.resize "linear"
-              when upsampling), the 0.5 thresholds, per-level foreground
-              pixels and intersection/union against the truth, the unary, and
-              the lattice points of both CRF kernels with their point counts;
-  _crf_pass   the mean field at one bilateral capacity rung and one Gaussian
-              capacity, both chosen on the host from those counts (see
-              bilateral_rungs, bucket_gaussian_capacity; an image whose own
-              rung is not compiled yet runs at a compiled one a step larger,
-              see _reuse_rung), then the argmax and its counts.
+  _prepare    upsampling of the level scores and the fused probability to
+              each image's traced (H, W) (gathers; equal to jax.image.resize
+              "linear" when upsampling), the 0.5 thresholds, per-image
+              foreground pixels and intersection/union against the truth, the
+              unary, and the lattice points of both CRF kernels with their
+              point counts;
+  _crf_pass   the mean field at one bilateral and one Gaussian capacity rung,
+              both chosen on the host from those counts (bilateral_rungs,
+              gaussian_rungs; a batch whose bilateral rung is not compiled yet
+              runs at a compiled one a step larger, see _reuse_rung), then the
+              argmax and its per-image counts.
 
-Compilations over a whole split are therefore bounded by buckets x (1 +
-rungs + 1) (the last: the rare bucket whose Gaussian lattice outgrows its
-default capacity), whatever the number of distinct sizes; refine_programs()
-reads the count off the jitted functions' caches. Nothing per size is kept.
+Compilations over a whole split are therefore bounded by canvas sizes x (1 +
+bilateral rungs x Gaussian rungs), whatever the number of distinct sizes; a VOC
+or COCO split meets one canvas size and 1-2 rung pairs. refine_programs()
+reads the count off the jitted functions' caches. Nothing per size is kept, and
+packing wastes few pixels (a power-of-two pad per image cost ~1.5x).
 
 Images the gathers cannot take run one by one at their own size (one
 compilation per size): those larger than crf.max_side (refined at a
@@ -48,17 +54,21 @@ UNARY_EPS = 1e-5  # keeps -log finite; as pydensecrf's unary_from_softmax clips
 FG_LEVELS = ("dataset", "category", "image", "fused", "refined")
 IGNORE = 255
 
-# Pixel-count buckets: powers of two from 4096 to 2^22 (a 2048 x 2048 image). Padding costs at most 2x
-# (VOC's 500 x 375 = 187,500 pads to 262,144, +40%), and a VOC split (sides 180-500) meets 4 buckets,
-# COCO (<= 640) 5: each bucket compiles its programs once, and compiling is most of a split's cost.
+# Canvas sizes: powers of two from 4096 to 2^22 (a 2048 x 2048 image); an image's canvas is the smallest that
+# holds both it and MIN_CANVAS pixels. MIN_CANVAS holds one VOC photo (500 x 500) or several smaller ones, so a
+# VOC split runs on one canvas size, COCO (<= 640 x 640) on 2^19: each size compiles its programs once, and
+# compiling is most of a small split's cost.
 PIXEL_BUCKETS = tuple(4096 << k for k in range(11))
-# Bilateral capacity rungs as fractions of the bucket, a factor 2 apart: the blur follows the rung, the
-# compile count the rungs met. Photos need 0.1-1.35 points per pixel at VOC's parameters, i.e. 1-2
-# rungs per bucket; 6 (= d+1) can never overflow.
-_BILATERAL_RUNG_FRACTIONS = (6.0, 1.5, 0.75, 0.375, 0.1875, 0.09375)
+MIN_CANVAS = 1 << 18
+CANVAS_SLOTS = 32  # images per canvas at most (static per-image arrays)
+# Bilateral capacity rungs as fractions of the canvas, a factor 4 apart: the compile count follows the rungs
+# met, while a rung twice too large cost only ~7% of a canvas's CRF (the blur is a small part of it).
+# Photos need 0.1-1.35 points per pixel at VOC's parameters, 0.01-0.12 at pydensecrf's defaults, i.e. one
+# rung per split; 6 (= d+1) can never overflow.
+_BILATERAL_RUNG_FRACTIONS = (6.0, 1.5, 0.375, 0.09375)
 # The Gaussian lattice of a W x H grid has 2 / sqrt(3) points per unit area plus a perimeter term
-# (inference.gaussian_capacity); the default capacity of a bucket allows aspect ratios up to 4:1.
-_BUCKET_ASPECT = 4.0
+# (inference.gaussian_capacity): 1.5x the area holds images of sides >= ~10 sxy; 3 (= d+1) never overflows.
+_GAUSSIAN_AREA_SLACK = 1.5
 
 
 class RefineItem(NamedTuple):
@@ -130,13 +140,41 @@ def upsample_flat(grids: jax.Array, size: jax.Array, num_pixels: int) -> jax.Arr
   Returns:
     [K, N] float32.
   """
-  grids = jnp.asarray(grids, jnp.float32)
-  height, width = jnp.maximum(size[0], 1), jnp.maximum(size[1], 1)
+  layout = _layout(jnp.asarray(size, jnp.int32)[None], num_pixels)
+  return _upsample_pixels(jnp.asarray(grids, jnp.float32)[None], layout)
+
+
+class _Layout(NamedTuple):
+  """Where each pixel of a canvas lies: slot [N] (its image, 0 past the last), (y, x) in that image,
+  the image's (H, W) (>= 1), and valid [N] (False on padding)."""
+  slot: jax.Array
+  y: jax.Array
+  x: jax.Array
+  height: jax.Array
+  width: jax.Array
+  valid: jax.Array
+
+
+def _layout(sizes: jax.Array, num_pixels: int) -> _Layout:
+  """Images of sizes [S, 2] (H, W; zeros for empty slots) packed row-major one after the other into N pixels."""
+  areas = sizes[:, 0] * sizes[:, 1]
+  ends = jnp.cumsum(areas)
   index = jnp.arange(num_pixels, dtype=jnp.int32)
-  top, bottom, fy = _axis_taps(index // width, height, grids.shape[1])
-  left, right, fx = _axis_taps(index % width, width, grids.shape[2])
-  upper = grids[:, top, left] * (1 - fx) + grids[:, top, right] * fx
-  lower = grids[:, bottom, left] * (1 - fx) + grids[:, bottom, right] * fx
+  slot = jnp.searchsorted(ends, index, side="right").astype(jnp.int32)
+  valid = slot < sizes.shape[0]
+  slot = jnp.where(valid, slot, 0)
+  local = index - (ends - areas)[slot]
+  height, width = jnp.maximum(sizes[slot, 0], 1), jnp.maximum(sizes[slot, 1], 1)
+  return _Layout(slot, local // width, local % width, height, width, valid)
+
+
+def _upsample_pixels(grids: jax.Array, layout: _Layout) -> jax.Array:
+  """grids [S, K, h, w] float32 -> [K, N]: each pixel bilinearly interpolated in its own image's grids."""
+  top, bottom, fy = _axis_taps(layout.y, layout.height, grids.shape[2])
+  left, right, fx = _axis_taps(layout.x, layout.width, grids.shape[3])
+  tap = lambda row, col: grids[layout.slot, :, row, col].T  # [K, N]
+  upper = tap(top, left) * (1 - fx) + tap(top, right) * fx
+  lower = tap(bottom, left) * (1 - fx) + tap(bottom, right) * fx
   return upper * (1 - fy) + lower * fy
 
 
@@ -168,19 +206,29 @@ def pixel_bucket(num_pixels: int) -> int | None:
   return PIXEL_BUCKETS[i] if i < len(PIXEL_BUCKETS) else None
 
 
-def bilateral_rungs(bucket: int) -> tuple[int, ...]:
-  """Descending static bilateral capacities of a bucket of `bucket` pixels."""
-  return tuple(sorted({int(np.ceil(bucket * f)) for f in _BILATERAL_RUNG_FRACTIONS}, reverse=True))
+def canvas_pixels(num_pixels: int) -> int | None:
+  """Pixels of the canvas an image of num_pixels pixels is packed into, or None past the largest."""
+  return pixel_bucket(max(num_pixels, MIN_CANVAS)) if num_pixels <= PIXEL_BUCKETS[-1] else None
 
 
-def bucket_gaussian_capacity(bucket: int, sxy: float) -> int:
-  """Default Gaussian capacity of a bucket: the bound of an image of `bucket` pixels with aspect ratio 4:1."""
-  short = int(np.ceil(np.sqrt(bucket / _BUCKET_ASPECT)))
-  return inference.gaussian_capacity(short, int(np.ceil(bucket / short)), sxy)
+def bilateral_rungs(canvas: int) -> tuple[int, ...]:
+  """Descending static bilateral capacities of a canvas of `canvas` pixels."""
+  return tuple(sorted({int(np.ceil(canvas * f)) for f in _BILATERAL_RUNG_FRACTIONS}, reverse=True))
 
 
-# Bilateral rungs each (bucket, CRF, mesh, Gaussian capacity) has run at in this process: small ints
-# (no arrays), so that an image may run at an already compiled rung one step above its own.
+def gaussian_rungs(canvas: int, sxy: float) -> tuple[int, ...]:
+  """Descending static Gaussian capacities of a canvas: 1.5x its area's points (plus a little), and 3 per pixel."""
+  area = 2.0 / np.sqrt(3.0) * canvas / sxy ** 2
+  return tuple(sorted({min(3 * canvas, int(np.ceil(_GAUSSIAN_AREA_SLACK * area)) + 64), 3 * canvas}, reverse=True))
+
+
+def _fitting(rungs: tuple[int, ...], num_points: int) -> list[int]:
+  """The rungs that hold num_points, ascending (the largest alone if none does)."""
+  return [r for r in sorted(rungs) if r >= num_points] or [max(rungs)]
+
+
+# Bilateral rungs each (canvas, CRF, mesh, Gaussian capacity) has run at in this process: small ints
+# (no arrays), so that a batch may run at an already compiled rung one step above its own.
 _RUNGS_RUN: dict[tuple, set[int]] = {}
 
 
@@ -188,7 +236,7 @@ def _reuse_rung(program: tuple, rungs: tuple[int, ...], num_points: int) -> int:
   """The bilateral capacity to run `num_points` points at: the smallest rung that holds them, or the next
   larger one when only that has been compiled for `program` (a step costs ~15% of a warm CRF, a compile
   ~10 warm CRFs). The result does not depend on the choice: absent points are zero rows."""
-  fitting = [r for r in sorted(rungs) if r >= num_points] or [rungs[0]]
+  fitting = _fitting(rungs, num_points)
   run = _RUNGS_RUN.setdefault(program, set())
   chosen = fitting[1] if fitting[0] not in run and len(fitting) > 1 and fitting[1] in run else fitting[0]
   run.add(chosen)
@@ -202,36 +250,48 @@ def _fg_counts(masks: jax.Array, truth: jax.Array, valid: jax.Array):
   return jnp.sum(masks, axis=-1, dtype=jnp.int32), counts
 
 
+def _slot_counts(masks: jax.Array, truth: jax.Array, layout: _Layout, num_slots: int):
+  """_fg_counts of each image of a canvas: masks [K, N] bool -> fg [S, K] int32, counts [S, K, 2] int32."""
+  masks = masks & layout.valid
+  counted = truth != IGNORE  # as metrics.foreground_counts
+  truth_fg, predicted = counted & (truth != 0), masks & counted
+  columns = jnp.concatenate([masks, predicted & truth_fg, predicted | truth_fg]).T.astype(jnp.int32)  # [N, 3K]
+  per_slot = jax.ops.segment_sum(columns, layout.slot, num_slots).reshape(num_slots, 3, -1)
+  return per_slot[:, 0], jnp.stack([per_slot[:, 1], per_slot[:, 2]], axis=-1)
+
+
 def _crf_params(crf: CRFConfig) -> dict:
   return dict(gaussian_sxy=crf.gaussian_sxy, bilateral_sxy=crf.bilateral_sxy, bilateral_srgb=crf.bilateral_srgb)
 
 
-def _prepare_one(pixels, size, grids, truth, *, crf: CRFConfig):
-  """One flat image: level masks and their counts, the unary, the kernels' lattice points."""
-  num_pixels = pixels.shape[0]
-  valid = jnp.arange(num_pixels) < size[0] * size[1]
-  probs = upsample_flat(grids, size, num_pixels)  # [4, N]: dataset, category, image, fused
-  fg, counts = _fg_counts(probs > 0.5, truth, valid)
-  out = dict(fg=fg, counts=counts, fused=(probs[3] > 0.5) & valid)
+def _prepare_canvas(pixels, sizes, grids, truth, *, crf: CRFConfig):
+  """One canvas: per-image level masks and counts, the unary, the kernels' lattice points (see _prepare)."""
+  layout = _layout(sizes, pixels.shape[0])
+  probs = _upsample_pixels(grids, layout)  # [4, N]: dataset, category, image, fused
+  fg, counts = _slot_counts(probs > 0.5, truth, layout, sizes.shape[0])
+  out = dict(fg=fg, counts=counts, fused=(probs[3] > 0.5) & layout.valid)
   if crf.iterations:
     out["energies"] = unary_from_prob(probs[3])
-    out["points"] = inference.kernel_points(pixels, valid, size[1], **_crf_params(crf))
+    position = jnp.stack([layout.x, layout.y], axis=-1).astype(jnp.float32)
+    out["points"] = inference.kernel_points(pixels, layout.valid, position, segment=layout.slot, **_crf_params(crf))
     out["num_points"] = jnp.stack([out["points"].gaussian.table.num_unique,
                                    out["points"].bilateral.table.num_unique])
   return out
 
 
-def _per_image(fn, mesh: jax.sharding.Mesh):
+def _per_canvas(fn, mesh: jax.sharding.Mesh):
   """fn(*row) over the leading axis of batched arguments; each device runs its rows one by one (lax.map).
 
-  The second argument of every row is its size [2] (H, W); rows of size 0
-  (batch padding) are skipped and give zeros. A sequential map compiles the
-  image's program once; vmapped, the lattice's while loops and scatters
+  The second argument of every row is its image sizes [S, 2]; rows with no
+  image (batch padding) are skipped and give zeros. A sequential map compiles
+  the canvas's program once; vmapped, the lattice's while loops and scatters
   compiled 2-3x slower, and compiling is most of a split's refinement.
   """
+  fn = jax.jit(fn)  # traced once: eval_shape's trace is cached for the branch below
+
   def one(row):
     empty = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(fn, *row))
-    return jax.lax.cond(row[1][0] * row[1][1] > 0, lambda row: fn(*row), lambda row: empty, row)
+    return jax.lax.cond(jnp.any(row[1][:, 0] * row[1][:, 1] > 0), lambda row: fn(*row), lambda row: empty, row)
 
   spec = jax.sharding.PartitionSpec(parallel.AXIS)
   return jax.shard_map(lambda *args: jax.lax.map(one, args), mesh=mesh, in_specs=spec, out_specs=spec,
@@ -239,24 +299,28 @@ def _per_image(fn, mesh: jax.sharding.Mesh):
 
 
 @functools.partial(jax.jit, static_argnames=("crf", "mesh"))
-def _prepare(pixels, size, grids, truth, *, crf: CRFConfig, mesh: jax.sharding.Mesh):
-  """Batched _prepare_one: pixels [B, N, 3] uint8, size [B, 2], grids [B, 4, h, w], truth [B, N] uint8."""
-  return _per_image(functools.partial(_prepare_one, crf=crf), mesh)(pixels, size, grids, truth)
+def _prepare(pixels, sizes, grids, truth, *, crf: CRFConfig, mesh: jax.sharding.Mesh):
+  """Batched _prepare_canvas: pixels [B, N, 3] uint8, sizes [B, S, 2], grids [B, S, 4, h, w], truth [B, N] uint8.
+
+  -> fg [B, S, 4], counts [B, S, 4, 2], fused [B, N] and, with the CRF, energies [B, N, 2], points
+  (KernelPoints) and num_points [B, 2] (Gaussian, bilateral).
+  """
+  return _per_canvas(functools.partial(_prepare_canvas, crf=crf), mesh)(pixels, sizes, grids, truth)
 
 
 @functools.partial(jax.jit, static_argnames=("crf", "mesh", "gaussian_capacity", "bilateral_capacity"))
-def _crf_pass(points, size, energies, truth, *, crf: CRFConfig, mesh: jax.sharding.Mesh, gaussian_capacity: int,
+def _crf_pass(points, sizes, energies, truth, *, crf: CRFConfig, mesh: jax.sharding.Mesh, gaussian_capacity: int,
               bilateral_capacity: int):
-  """Batched CRF at one capacity: -> mask [B, N] bool, fg [B] int32, counts [B, 2] int32."""
-  def one(points, size, energies, truth):
-    valid = jnp.arange(energies.shape[0]) < size[0] * size[1]
-    q = inference.crf_marginals(points, energies, valid, iterations=crf.iterations,
+  """Batched CRF at one capacity: -> mask [B, N] bool, fg [B, S] int32, counts [B, S, 2] int32."""
+  def one(points, sizes, energies, truth):
+    layout = _layout(sizes, energies.shape[0])
+    q = inference.crf_marginals(points, energies, layout.valid, iterations=crf.iterations,
                                 gaussian_weight=crf.gaussian_weight, bilateral_weight=crf.bilateral_weight,
                                 gaussian_capacity=gaussian_capacity, bilateral_capacities=(bilateral_capacity,))
-    mask = (q[:, 1] > q[:, 0]) & valid  # argmax: ties go to background
-    fg, counts = _fg_counts(mask[None], truth, valid)
-    return mask, fg[0], counts[0]
-  return _per_image(one, mesh)(points, size, energies, truth)
+    mask = (q[:, 1] > q[:, 0]) & layout.valid  # argmax: ties go to background
+    fg, counts = _slot_counts(mask[None], truth, layout, sizes.shape[0])
+    return mask, fg[:, 0], counts[:, 0]
+  return _per_canvas(one, mesh)(points, sizes, energies, truth)
 
 
 @functools.partial(jax.jit, static_argnames=("crf",))
@@ -310,13 +374,13 @@ def _check_item(item: RefineItem) -> None:
     raise ValueError(f"refine: item {item.key!r}: truth must be [H, W] = {image[:2]}, got {np.shape(item.truth)}")
 
 
-def _bucket_of(item: RefineItem, crf: CRFConfig) -> int | None:
-  """The item's pixel bucket, or None when it runs at its own size (see the module docstring)."""
+def _canvas_of(item: RefineItem, crf: CRFConfig) -> int | None:
+  """The item's canvas size, or None when it runs at its own size (see the module docstring)."""
   height, width = item.image.shape[:2]
   grid_h, grid_w = np.shape(item.fg_prob)
   if downscaled_size((height, width), crf.max_side) != (height, width) or height < grid_h or width < grid_w:
     return None
-  return pixel_bucket(height * width)
+  return canvas_pixels(height * width)
 
 
 def _result(mask: np.ndarray, fg: np.ndarray, counts: np.ndarray, has_truth: bool) -> RefinedImage:
@@ -330,53 +394,82 @@ def _run_own_size(item: RefineItem, crf: CRFConfig) -> RefinedImage:
   return _result(np.asarray(mask), np.asarray(fg), np.asarray(counts), item.truth is not None)
 
 
-def _run_bucket(items: list[RefineItem], bucket: int, rows: int, crf: CRFConfig,
-                mesh: jax.sharding.Mesh) -> Iterator[tuple[Any, RefinedImage]]:
-  """Refines up to `rows` items of one bucket as one batch of `rows` (absent rows: zero-sized images)."""
-  grid_shape = np.shape(items[0].fg_prob)
-  pixels = np.zeros((rows, bucket, 3), np.uint8)
-  truth = np.full((rows, bucket), IGNORE, np.uint8)
-  size = np.zeros((rows, 2), np.int32)
-  grids = np.zeros((rows, 4) + grid_shape, np.float32)
-  for row, item in enumerate(items):
-    height, width = item.image.shape[:2]
-    pixels[row, :height * width] = np.asarray(item.image, np.uint8).reshape(-1, 3)
-    truth[row, :height * width] = _truth(item).reshape(-1)
-    size[row] = height, width
-    grids[row] = _grids(item)
-  pixels, size, grids, truth = parallel.shard_batch((pixels, size, grids, truth), mesh)
-  prepared = _prepare(pixels, size, grids, truth, crf=crf, mesh=mesh)
-  fg, counts = parallel.to_host((prepared["fg"], prepared["counts"]))  # [B, 4], [B, 4, 2]
+class _Canvas:
+  """Items packed one after the other into `pixels` pixels (host side, before refinement)."""
+
+  def __init__(self, pixels: int):
+    self.pixels, self.used, self.items = pixels, 0, []
+
+  def fits(self, item: RefineItem) -> bool:
+    return len(self.items) < CANVAS_SLOTS and self.used + _area(item) <= self.pixels
+
+  def add(self, item: RefineItem) -> None:
+    self.items.append(item)
+    self.used += _area(item)
+
+
+def _area(item: RefineItem) -> int:
+  return item.image.shape[0] * item.image.shape[1]
+
+
+def _run_canvases(canvases: list[_Canvas], rows: int, crf: CRFConfig,
+                  mesh: jax.sharding.Mesh) -> Iterator[tuple[Any, RefinedImage]]:
+  """Refines up to `rows` canvases of one size and patch grid as one batch of `rows` (absent rows: empty)."""
+  num_pixels, grid_shape = canvases[0].pixels, np.shape(canvases[0].items[0].fg_prob)
+  pixels = np.zeros((rows, num_pixels, 3), np.uint8)
+  truth = np.full((rows, num_pixels), IGNORE, np.uint8)
+  sizes = np.zeros((rows, CANVAS_SLOTS, 2), np.int32)
+  grids = np.zeros((rows, CANVAS_SLOTS, 4) + grid_shape, np.float32)
+  for row, canvas in enumerate(canvases):
+    start = 0
+    for slot, item in enumerate(canvas.items):
+      area = _area(item)
+      pixels[row, start:start + area] = np.asarray(item.image, np.uint8).reshape(-1, 3)
+      truth[row, start:start + area] = _truth(item).reshape(-1)
+      sizes[row, slot] = item.image.shape[:2]
+      grids[row, slot] = _grids(item)
+      start += area
+  pixels, sizes, grids, truth = parallel.shard_batch((pixels, sizes, grids, truth), mesh)
+  prepared = _prepare(pixels, sizes, grids, truth, crf=crf, mesh=mesh)
+  fg, counts = parallel.to_host((prepared["fg"], prepared["counts"]))  # [B, S, 4], [B, S, 4, 2]
   if crf.iterations:
-    num_points = parallel.to_host(prepared["num_points"])[:len(items)].max(axis=0)  # [2]: Gaussian, bilateral
-    gaussian_capacity = bucket_gaussian_capacity(bucket, crf.gaussian_sxy)
-    if num_points[0] > gaussian_capacity:
-      gaussian_capacity = 3 * bucket  # never overflows
-    bilateral_capacity = _reuse_rung((bucket, crf, mesh, gaussian_capacity), bilateral_rungs(bucket),
+    num_points = parallel.to_host(prepared["num_points"])[:len(canvases)].max(axis=0)  # [2]: Gaussian, bilateral
+    gaussian_capacity = _fitting(gaussian_rungs(num_pixels, crf.gaussian_sxy), int(num_points[0]))[0]
+    bilateral_capacity = _reuse_rung((num_pixels, crf, mesh, gaussian_capacity), bilateral_rungs(num_pixels),
                                      int(num_points[1]))
     mask, refined_fg, refined_counts = parallel.to_host(_crf_pass(
-        prepared["points"], size, prepared["energies"], truth, crf=crf, mesh=mesh, gaussian_capacity=gaussian_capacity,
-        bilateral_capacity=bilateral_capacity))
+        prepared["points"], sizes, prepared["energies"], truth, crf=crf, mesh=mesh,
+        gaussian_capacity=gaussian_capacity, bilateral_capacity=bilateral_capacity))
   else:
     mask = parallel.to_host(prepared["fused"])
-    refined_fg, refined_counts = fg[:, 3], counts[:, 3]
-  for row, item in enumerate(items):
-    height, width = item.image.shape[:2]
-    yield item.key, _result(mask[row, :height * width].reshape(height, width),
-                            np.append(fg[row], refined_fg[row]),
-                            np.concatenate([counts[row], refined_counts[row][None]]), item.truth is not None)
+    refined_fg, refined_counts = fg[:, :, 3], counts[:, :, 3]
+  for row, canvas in enumerate(canvases):
+    start = 0
+    for slot, item in enumerate(canvas.items):
+      height, width = item.image.shape[:2]
+      yield item.key, _result(mask[row, start:start + height * width].reshape(height, width),
+                              np.append(fg[row, slot], refined_fg[row, slot]),
+                              np.concatenate([counts[row, slot], refined_counts[row, slot][None]]),
+                              item.truth is not None)
+      start += height * width
+
+
+# Canvases held open per (canvas size, patch grid) beyond a batch's rows: an image goes into the first open
+# canvas it fits in, so packing stays dense; when none has room, the fullest `rows` are refined.
+_OPEN_SLACK = 3
 
 
 def refine_stream(items: Iterable[RefineItem], crf: CRFConfig = CRFConfig(), *, batch_size: int = 1,
                   mesh: jax.sharding.Mesh | None = None) -> Iterator[tuple[Any, RefinedImage]]:
   """Refines a stream of images in a few compiled programs, whatever their sizes.
 
-  Buffers items per (pixel bucket, patch grid), runs full batches of
-  batch_size as they fill and the rest at the end, each batch padded to
-  batch_size rows (rounded up to the mesh's devices) and sharded over the
-  mesh; yields results as they finish (not in input order). Memory: at most
-  buckets x batch_size images buffered. Images larger than crf.max_side or
-  smaller than the patch grid run one by one at their own size.
+  Packs items into canvases per (canvas size, patch grid), first fit, and
+  refines batches of batch_size canvases (rounded up to the mesh's devices,
+  sharded over the mesh) as canvases fill, the rest at the end; yields results
+  as they finish (not in input order). Memory: at most batch_size + 3 canvases
+  buffered per (canvas size, patch grid). Images larger than crf.max_side or
+  smaller than the patch grid run one by one at their own size. Packing does
+  not change any result: the images of a canvas are independent CRFs.
 
   The level masks are upsample(level_scores[l], (H, W)) > 0.5, the fused one
   upsample(fg_prob, (H, W)) > 0.5, the refined one the CRF's argmax (the
@@ -385,7 +478,7 @@ def refine_stream(items: Iterable[RefineItem], crf: CRFConfig = CRFConfig(), *, 
   Args:
     items: RefineItem stream.
     crf: CRF parameters.
-    batch_size: images per batch (>= 1).
+    batch_size: canvases per batch (>= 1); each canvas holds up to CANVAS_SLOTS images.
     mesh: 1-D device mesh (parallel.batch_mesh); default every device.
 
   Yields:
@@ -398,19 +491,26 @@ def refine_stream(items: Iterable[RefineItem], crf: CRFConfig = CRFConfig(), *, 
     raise ValueError(f"refine_stream: batch_size must be >= 1, got {batch_size}")
   mesh = parallel.batch_mesh() if mesh is None else mesh
   rows = parallel.padded_size(batch_size, mesh.size)
-  pending: dict[tuple, list[RefineItem]] = {}
+  open_canvases: dict[tuple, list[_Canvas]] = {}
   for item in items:
     _check_item(item)
-    bucket = _bucket_of(item, crf)
-    if bucket is None:
+    canvas_size = _canvas_of(item, crf)
+    if canvas_size is None:
       yield item.key, _run_own_size(item, crf)
       continue
-    group = pending.setdefault((bucket, np.shape(item.fg_prob)), [])
-    group.append(item)
-    if len(group) == batch_size:
-      yield from _run_bucket(pending.pop((bucket, np.shape(item.fg_prob))), bucket, rows, crf, mesh)
-  for (bucket, _), group in pending.items():
-    yield from _run_bucket(group, bucket, rows, crf, mesh)
+    group = open_canvases.setdefault((canvas_size, np.shape(item.fg_prob)), [])
+    target = next((canvas for canvas in group if canvas.fits(item)), None)
+    if target is None:
+      if len(group) >= rows + _OPEN_SLACK:
+        group.sort(key=lambda canvas: -canvas.used)
+        yield from _run_canvases(group[:rows], rows, crf, mesh)
+        del group[:rows]
+      target = _Canvas(canvas_size)
+      group.append(target)
+    target.add(item)
+  for group in open_canvases.values():
+    for start in range(0, len(group), rows):
+      yield from _run_canvases(group[start:start + rows], rows, crf, mesh)
 
 
 def refine(image: jax.Array, fg_prob: jax.Array, crf: CRFConfig = CRFConfig()) -> np.ndarray:
