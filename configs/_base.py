@@ -50,6 +50,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   config.crf.bilateral_sxy = 67.0  # > 0 pixels
   config.crf.bilateral_srgb = 3.0  # > 0 colour levels
   config.crf.bilateral_weight = 4.0  # >= 0
+  config.crf.canvas_pixels = 3 << 17  # 4096-4194304 pixels per canvas of packed images; no effect on results
   config.crf.max_side = 1024  # >= 0 pixels; larger images are refined at a copy scaled to this side; 0 = never
 
   config.gallery_size = 48  # images shown in gallery.html, worst first

@@ -64,6 +64,7 @@ BOUNDS = {
     "method.kmeans_tol": _at_least(0),
     "crf.iterations": _at_least(0),
     "crf.max_side": _at_least(0),
+    "crf.canvas_pixels": (lambda value: 4096 <= value <= 1 << 22, "must be in [4096, 4194304]"),
     "crf.gaussian_sxy": _positive(),
     "crf.bilateral_sxy": _positive(),
     "crf.bilateral_srgb": _positive(),

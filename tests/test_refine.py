@@ -84,11 +84,11 @@ def packing_spy(monkeypatch):
 
 @pytest.mark.slow
 def test_stream_of_many_sizes_matches_independent_computation_in_few_programs(monkeypatch):
-  # 18 sizes, all packed into canvases of MIN_CANVAS pixels; the last item has no truth.
+  # 18 sizes, all packed into canvases of crf.canvas_pixels; the last item has no truth.
   sizes = [(64 + 3 * i, 100 - 2 * i) for i in range(9)] + [(100 + 3 * i, 130 - 2 * i) for i in range(9)]
   items = [make_item(i, size, seed=i, with_truth=i != len(sizes) - 1) for i, size in enumerate(sizes)]
-  canvases = {refine_lib.canvas_pixels(h * w) for h, w in sizes}
-  assert canvases == {refine_lib.MIN_CANVAS}
+  canvases = {refine_lib.canvas_size(h * w, CRF.canvas_pixels) for h, w in sizes}
+  assert canvases == {CRF.canvas_pixels}
   batches = packing_spy(monkeypatch)
   before = framework.refine_programs()
   results = dict(framework.refine_stream(items, CRF))
@@ -136,7 +136,7 @@ def test_packed_images_refine_exactly_as_each_alone(monkeypatch):
 
 def test_canvases_fill_first_fit_and_flush_the_fullest(monkeypatch):
   # 300 x 500 = 150,000 pixels: one per canvas of 262,144 (two would not fit); 60 x 50 ones fill the gaps.
-  crf = framework.CRFConfig(iterations=0)
+  crf = framework.CRFConfig(iterations=0, canvas_pixels=1 << 18)
   big = [make_item(f"big{i}", (300, 500), seed=i) for i in range(5)]
   small = [make_item(f"small{i}", (60, 50), seed=i) for i in range(3)]
   batches = packing_spy(monkeypatch)
@@ -194,7 +194,8 @@ def test_peak_rss_does_not_grow_with_the_number_of_sizes():
   many = [(int(h), int(w)) for h, w in zip(rng.permutation(np.arange(130, 180, 3))[:16], rng.integers(129, 180, 16))]
   few = [((130, 130), (150, 170), (179, 179))[i % 3] for i in range(16)]
   assert len(set(many)) == 16
-  assert {refine_lib.canvas_pixels(h * w) for h, w in many} == {refine_lib.canvas_pixels(h * w) for h, w in few}
+  canvas = lambda sizes: {refine_lib.canvas_size(h * w, CRF.canvas_pixels) for h, w in sizes}
+  assert canvas(many) == canvas(few)
   rss_many, rss_few = _peak_rss_kb(many), _peak_rss_kb(few)
   assert rss_many <= 1.15 * rss_few, (rss_many, rss_few)
 

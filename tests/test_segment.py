@@ -176,11 +176,12 @@ def test_changed_config_reruns_only_what_depends_on_it(voc, clean_run, tmp_path,
   _check_metrics_against_recomputation(workdir, root, ids["val"], change.get("method.num_classes", NUM_CLASSES))
 
 
-def test_a_location_or_presentation_change_reuses_everything(voc, clean_run, tmp_path):
+def test_a_location_presentation_or_packing_change_reuses_everything(voc, clean_run, tmp_path):
   workdir = tmp_path / "moved"
   shutil.copytree(clean_run, workdir)
   runner.run(_config(voc, gallery_size=2, **{"model.cache_dir": str(tmp_path / "elsewhere"),
-                                             "data.manual_dir": str(tmp_path)}), workdir)
+                                             "data.manual_dir": str(tmp_path), "crf.canvas_pixels": 1 << 16}),
+             workdir)
   assert fixtures.passes_run(workdir) == {"report"}
   fixtures.assert_same_segmentation(workdir, clean_run, SCORES)
 

@@ -19,14 +19,19 @@ from absl import logging
 from experiments.passes import context
 from experiments.passes.context import RunContext
 from jaxseg import framework
-from jaxseg.framework.refine import canvas_pixels
+from jaxseg.framework.refine import canvas_size
 
 NAME = "refinement"
 FG_LEVELS = framework.FG_LEVELS
 
 
+# How images are packed for refinement changes no result (each image of a canvas is its own CRF).
+_NOT_RESULTS = ("canvas_pixels",)
+
+
 def fields(ctx: RunContext) -> dict:
-  return {f"crf.{name}": value for name, value in dataclasses.asdict(ctx.method.crf).items()}
+  return {f"crf.{name}": value for name, value in dataclasses.asdict(ctx.method.crf).items()
+          if name not in _NOT_RESULTS}
 
 
 # ---- the pass ----------------------------------------------------------------------------------------------
@@ -60,7 +65,7 @@ def run(ctx: RunContext) -> None:
   for c in todo:
     _save_chunk_if_done(ctx, c, pending, done)
   sizes = {image["index"]: image["size"] for image in ctx.images}
-  canvases = sorted({canvas_pixels(int(np.prod(sizes[i]))) or 0 for i, _, _ in items})
+  canvases = sorted({canvas_size(int(np.prod(sizes[i])), ctx.method.crf.canvas_pixels) or 0 for i, _, _ in items})
   logging.info("refinement: %d images packed into canvases of %s pixels; each canvas size's CRF programs "
                "compile on first use (seconds each on CPU), then every canvas of that size reuses them",
                len(items), [c for c in canvases if c])

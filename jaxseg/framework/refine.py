@@ -3,9 +3,9 @@
 A split of many image sizes runs in a few compiled programs. The CRF needs
 only row-major pixels (x = i % W, y = i // W from a traced W), so images are
 flattened and packed, one after the other, into canvases: flat arrays of a
-fixed pixel count (canvas_pixels: at least MIN_CANVAS, else the image's
-power-of-two bucket of PIXEL_BUCKETS), up to CANVAS_SLOTS images each, first
-fit. Each pixel knows its image (its slot); lattice keys carry the slot, so the
+fixed pixel count (crf.canvas_pixels, or for an image larger than that the
+smallest of PIXEL_BUCKETS that holds it; see canvas_size), up to CANVAS_SLOTS
+images each, first fit. Each pixel knows its image (its slot); lattice keys carry the slot, so the
 images of a canvas share no lattice point and each is refined exactly as if it
 were alone. Canvases are refined in batches (lax.map on each device: vmap
 compiled the lattice 2-3x slower) sharded over the mesh. Per canvas size, two
@@ -25,7 +25,8 @@ programs:
 
 Compilations over a whole split are therefore bounded by canvas sizes x (1 +
 bilateral rungs x Gaussian rungs), whatever the number of distinct sizes; a VOC
-or COCO split meets one canvas size and 1-2 rung pairs. refine_programs()
+or COCO split (with its config's canvas_pixels) meets one canvas size and
+usually one rung pair: 2 programs. refine_programs()
 reads the count off the jitted functions' caches. Nothing per size is kept, and
 packing wastes few pixels (a power-of-two pad per image cost ~1.5x).
 
@@ -54,12 +55,9 @@ UNARY_EPS = 1e-5  # keeps -log finite; as pydensecrf's unary_from_softmax clips
 FG_LEVELS = ("dataset", "category", "image", "fused", "refined")
 IGNORE = 255
 
-# Canvas sizes: powers of two from 4096 to 2^22 (a 2048 x 2048 image); an image's canvas is the smallest that
-# holds both it and MIN_CANVAS pixels. MIN_CANVAS holds one VOC photo (500 x 500) or several smaller ones, so a
-# VOC split runs on one canvas size, COCO (<= 640 x 640) on 2^19: each size compiles its programs once, and
-# compiling is most of a small split's cost.
+# Canvases of images larger than crf.canvas_pixels: powers of two up to 2^22 (a 2048 x 2048 image). Each canvas
+# size compiles its programs once, and compiling is most of a small split's cost.
 PIXEL_BUCKETS = tuple(4096 << k for k in range(11))
-MIN_CANVAS = 1 << 18
 CANVAS_SLOTS = 32  # images per canvas at most (static per-image arrays)
 # Bilateral capacity rungs as fractions of the canvas, a factor 4 apart: the compile count follows the rungs
 # met, while a rung twice too large cost only ~7% of a canvas's CRF (the blur is a small part of it).
@@ -206,9 +204,10 @@ def pixel_bucket(num_pixels: int) -> int | None:
   return PIXEL_BUCKETS[i] if i < len(PIXEL_BUCKETS) else None
 
 
-def canvas_pixels(num_pixels: int) -> int | None:
-  """Pixels of the canvas an image of num_pixels pixels is packed into, or None past the largest."""
-  return pixel_bucket(max(num_pixels, MIN_CANVAS)) if num_pixels <= PIXEL_BUCKETS[-1] else None
+def canvas_size(num_pixels: int, canvas_pixels: int) -> int | None:
+  """Pixels of the canvas an image of num_pixels pixels is packed into: canvas_pixels (crf.canvas_pixels) if
+  it fits, else the smallest of PIXEL_BUCKETS that holds it; None past the largest."""
+  return canvas_pixels if num_pixels <= canvas_pixels else pixel_bucket(num_pixels)
 
 
 def bilateral_rungs(canvas: int) -> tuple[int, ...]:
@@ -380,7 +379,7 @@ def _canvas_of(item: RefineItem, crf: CRFConfig) -> int | None:
   grid_h, grid_w = np.shape(item.fg_prob)
   if downscaled_size((height, width), crf.max_side) != (height, width) or height < grid_h or width < grid_w:
     return None
-  return canvas_pixels(height * width)
+  return canvas_size(height * width, crf.canvas_pixels)
 
 
 def _result(mask: np.ndarray, fg: np.ndarray, counts: np.ndarray, has_truth: bool) -> RefinedImage:
