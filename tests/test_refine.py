@@ -101,10 +101,11 @@ def test_stream_of_many_sizes_matches_independent_computation_in_few_programs(mo
     assert np.mean(got.mask == masks[4]) >= 0.995
     np.testing.assert_array_equal(got.fg_pixels, [int(m.sum()) for m in masks[:4]] + [int(got.mask.sum())])
     np.testing.assert_array_equal(got.counts, numpy_counts(masks[:4] + [got.mask], item.truth))
-  # The documented bound, canvas sizes x (1 + bilateral rungs x Gaussian rungs), is below the number of sizes.
+  # The static bound, canvas sizes x (1 + Gaussian rungs x bilateral rungs), and what a split of fewer than
+  # _RECOMPILE_AFTER canvases compiles: one prepare and one CRF program per canvas size, far fewer than sizes.
   bound = sum(1 + len(refine_lib.bilateral_rungs(c)) * len(refine_lib.gaussian_rungs(c, CRF.gaussian_sxy))
               for c in canvases)
-  assert bound < len(sizes) and compiled <= bound, (compiled, bound)
+  assert compiled <= min(bound, 2 * len(canvases)) < len(sizes), (compiled, bound)
 
 
 @pytest.mark.slow
@@ -200,9 +201,19 @@ def test_peak_rss_does_not_grow_with_the_number_of_sizes():
   assert rss_many <= 1.15 * rss_few, (rss_many, rss_few)
 
 
-def test_bilateral_rung_reuses_a_compiled_rung_one_step_up():
-  rungs, program = (600, 150, 75, 37), ("test_rung_reuse", object())  # a key no stream uses
-  picks = [refine_lib._reuse_rung(program, rungs, n) for n in (100, 60, 30, 30, 70, 700)]
-  # 100: 150 (first); 60: 75 would fit, 150 is compiled; 30: 37 fits, 75 is not compiled; 70: 75 fits,
-  # 150 compiled; 700: nothing fits, the largest.
-  assert picks == [150, 150, 37, 37, 150, 600]
+def test_capacities_reuse_compiled_pairs_until_a_tight_one_pays(monkeypatch):
+  monkeypatch.setattr(refine_lib, "_RECOMPILE_AFTER", 3)
+  rungs, program = ((400, 200, 100), (800, 400, 200, 100)), ("test_capacities", object())  # a key no stream uses
+  picks = [refine_lib._capacities(program, rungs, n) for n in
+           [(90, 90), (90, 90), (150, 250), (90, 90), (90, 90), (300, 300), (90, 90)]]
+  assert picks == [
+      (200, 200),  # nothing compiled: headroom (x1.25, x2) over the tight (100, 100)
+      (200, 200),  # reused; (100, 100) wanted once
+      (200, 800),  # (200, 200) does not hold 250 bilateral points: compiled with headroom (188, 500)
+      (200, 200),  # the smaller of the two that hold it; (100, 100) wanted twice
+      (100, 100),  # wanted 3 times: compiled
+      (400, 800),  # nothing holds it: headroom (375, 600)
+      (100, 100),
+  ], picks
+  # A canvas past every rung gets the largest (it never overflows: the largest rungs are N (d+1)).
+  assert refine_lib._capacities(program, rungs, (10 ** 6, 10 ** 6)) == (400, 800)

@@ -9,11 +9,12 @@ framework.refine_stream (CRFConfig defaults: VOC parameters, 10 iterations) in
 its own fresh subprocess with no persistent XLA cache, so compilation counts;
 pydensecrf refines the same images from the same unaries in this process.
 
-Rows: many sizes vs pydensecrf (seconds), many vs 3 sizes (seconds and peak
-RSS of the subprocess), and the number of refinement programs compiled. A last
-row refines LARGE_NUM_IMAGES images of as many sizes (sides 180-500) the same
-way: the programs' compile cost is fixed per split (a few seconds each), so it
-amortises over a real split; the 24-image rows are mostly compilation.
+Rows: many sizes vs pydensecrf (seconds, cold, with the seconds spent
+compiling and tracing; then the same split again in the same process, warm),
+many vs 3 sizes (seconds and peak RSS of the subprocess), and the number of
+refinement programs compiled. Last rows refine LARGE_NUM_IMAGES images of as
+many sizes (sides 180-500) the same way: the programs' compile cost is fixed
+per split (a few seconds), so it amortises over a real split.
 
   python -m experiments.benchmark --only=split
 """
@@ -74,18 +75,35 @@ def items(kind: str, num_images: int = NUM_IMAGES):
   return out
 
 
+_COMPILE_EVENTS = {"/jax/core/compile/backend_compile_duration": "compile",
+                   "/jax/core/compile/jaxpr_trace_duration": "trace",
+                   "/jax/core/compile/jaxpr_to_mlir_module_duration": "trace"}
+
+
 def worker(kind: str, num_images: int = NUM_IMAGES, batch_size: int = 1) -> dict:
-  """Refines a split in this process (meant to be a fresh one): seconds, programs, peak RSS, fg pixels."""
+  """Refines a split in this process (meant to be a fresh one), then again warm: seconds (cold, of which
+  compile and trace+lowering, and warm), programs, peak RSS, fg pixels."""
   import resource
   import time
 
+  import jax
   from jaxseg import framework
+  spent = {"compile": 0.0, "trace": 0.0}
+
+  def listen(event, seconds, **_):
+    if event in _COMPILE_EVENTS:
+      spent[_COMPILE_EVENTS[event]] += seconds
+
+  jax.monitoring.register_event_duration_secs_listener(listen)
   split = items(kind, num_images)
   start = time.perf_counter()
   results = dict(framework.refine_stream(split, framework.CRFConfig(), batch_size=batch_size))
   seconds = time.perf_counter() - start
-  return dict(seconds=seconds, programs=framework.refine_programs(),
-              peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+  peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+  start = time.perf_counter()
+  dict(framework.refine_stream(split, framework.CRFConfig(), batch_size=batch_size))
+  return dict(seconds=seconds, warm_seconds=time.perf_counter() - start, programs=framework.refine_programs(),
+              compile_seconds=spent["compile"], trace_seconds=spent["trace"], peak_rss_mb=peak_rss_mb,
               fg_pixels=[int(results[i].fg_pixels[-1]) for i in range(len(split))])
 
 
@@ -122,7 +140,10 @@ def _versus_reference(num_images: int) -> dict:
   ref_s, ref_fg = reference_seconds("many", num_images)
   agree = np.mean(np.abs(np.asarray(many["fg_pixels"]) - ref_fg) / np.maximum(ref_fg, 1))
   row(f"split refine {num_images} sizes vs pydensecrf (s)", many["seconds"], ref_s,
-      extra=f"cold, {many['programs']} programs; mean |d fg pixels| {agree:.2e}")
+      extra=f"cold, {many['programs']} programs (compile {many['compile_seconds']:.2f} s, trace and lowering "
+            f"{many['trace_seconds']:.2f} s); mean |d fg pixels| {agree:.2e}")
+  row(f"split refine {num_images} sizes warm vs pydensecrf (s)", many["warm_seconds"], ref_s,
+      extra="the same process again: what each further image costs")
   return many
 
 

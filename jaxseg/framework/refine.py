@@ -17,16 +17,18 @@ programs:
               foreground pixels and intersection/union against the truth, the
               unary, and the lattice points of both CRF kernels with their
               point counts;
-  _crf_pass   the mean field at one bilateral and one Gaussian capacity rung,
-              both chosen on the host from those counts (bilateral_rungs,
-              gaussian_rungs; a batch whose bilateral rung is not compiled yet
-              runs at a compiled one a step larger, see _reuse_rung), then the
-              argmax and its per-image counts.
+  _crf_pass   the mean field at one Gaussian and one bilateral capacity rung,
+              chosen on the host from those counts (gaussian_rungs,
+              bilateral_rungs; a batch whose own rungs are not compiled runs
+              at compiled larger ones until that has happened often enough to
+              pay for compiling its own, see _capacities), then the argmax
+              and its per-image counts.
 
 Compilations over a whole split are therefore bounded by canvas sizes x (1 +
-bilateral rungs x Gaussian rungs), whatever the number of distinct sizes; a VOC
-or COCO split (with its config's canvas_pixels) meets one canvas size and
-usually one rung pair: 2 programs. refine_programs()
+Gaussian rungs x bilateral rungs), whatever the number of distinct sizes, and
+in practice by canvas sizes x (2 + canvases / _RECOMPILE_AFTER): a split of a
+few dozen VOC photos compiles 2 programs, a whole VOC split a few more, each
+of which makes the rest of the split faster than the compile cost. refine_programs()
 reads the count off the jitted functions' caches. Nothing per size is kept, and
 packing wastes few pixels (a power-of-two pad per image cost ~1.5x).
 
@@ -59,14 +61,21 @@ IGNORE = 255
 # size compiles its programs once, and compiling is most of a small split's cost.
 PIXEL_BUCKETS = tuple(4096 << k for k in range(11))
 CANVAS_SLOTS = 32  # images per canvas at most (static per-image arrays)
-# Bilateral capacity rungs as fractions of the canvas, a factor 4 apart: the compile count follows the rungs
-# met, while a rung twice too large cost only ~7% of a canvas's CRF (the blur is a small part of it).
-# Photos need 0.1-1.35 points per pixel at VOC's parameters, 0.01-0.12 at pydensecrf's defaults, i.e. one
-# rung per split; 6 (= d+1) can never overflow.
-_BILATERAL_RUNG_FRACTIONS = (6.0, 1.5, 0.375, 0.09375)
-# The Gaussian lattice of a W x H grid has 2 / sqrt(3) points per unit area plus a perimeter term
-# (inference.gaussian_capacity): 1.5x the area holds images of sides >= ~10 sxy; 3 (= d+1) never overflows.
-_GAUSSIAN_AREA_SLACK = 1.5
+# Bilateral capacity rungs as fractions of the canvas, a factor 2 apart: photos need 0.1-1.35 points per
+# pixel at VOC's parameters, 0.01-0.12 at pydensecrf's defaults; 6 (= d+1) can never overflow.
+_BILATERAL_RUNG_FRACTIONS = (6.0, 1.5, 0.75, 0.375, 0.1875, 0.09375)
+# Gaussian capacity rungs as fractions of a full canvas's area term: the lattice of a W x H grid has
+# 2 / sqrt(3) points per unit area plus a perimeter term (inference.gaussian_capacity), so a full canvas of
+# images of sides >= ~10 sxy needs 1.0-1.5, a partly filled one less; 3 points per pixel never overflow.
+_GAUSSIAN_AREA_FRACTIONS = (0.25, 0.5, 0.75, 0.875, 1.0, 1.0625, 1.125, 1.25, 1.5)
+# Every (Gaussian, bilateral) capacity pair compiles its own CRF program (~1 s on CPU), and a canvas runs at
+# any compiled pair that holds it, at the cost of a larger blur (running at 2x its points cost ~10-20% of a
+# canvas's ~0.3 s). So: reuse compiled pairs, and compile a canvas's own tight pair once that many canvases
+# have wanted it (ski rental: at most about twice the better of the two choices). A pair compiled because
+# no compiled one holds a canvas gets headroom (below), so that a split of a few dozen images compiles one.
+_RECOMPILE_AFTER = 16
+_BILATERAL_HEADROOM = 2.0
+_GAUSSIAN_HEADROOM = 1.25
 
 
 class RefineItem(NamedTuple):
@@ -216,30 +225,45 @@ def bilateral_rungs(canvas: int) -> tuple[int, ...]:
 
 
 def gaussian_rungs(canvas: int, sxy: float) -> tuple[int, ...]:
-  """Descending static Gaussian capacities of a canvas: 1.5x its area's points (plus a little), and 3 per pixel."""
+  """Descending static Gaussian capacities of a canvas: fractions of a full canvas's area term, and 3 per pixel."""
   area = 2.0 / np.sqrt(3.0) * canvas / sxy ** 2
-  return tuple(sorted({min(3 * canvas, int(np.ceil(_GAUSSIAN_AREA_SLACK * area)) + 64), 3 * canvas}, reverse=True))
+  rungs = {min(3 * canvas, int(np.ceil(f * area)) + 64) for f in _GAUSSIAN_AREA_FRACTIONS}
+  return tuple(sorted(rungs | {3 * canvas}, reverse=True))
 
 
-def _fitting(rungs: tuple[int, ...], num_points: int) -> list[int]:
-  """The rungs that hold num_points, ascending (the largest alone if none does)."""
-  return [r for r in sorted(rungs) if r >= num_points] or [max(rungs)]
+def _fitting(rungs: tuple[int, ...], num_points: float) -> int:
+  """The smallest rung that holds num_points (the largest if none does)."""
+  return min((r for r in rungs if r >= num_points), default=max(rungs))
 
 
-# Bilateral rungs each (canvas, CRF, mesh, Gaussian capacity) has run at in this process: small ints
-# (no arrays), so that a batch may run at an already compiled rung one step above its own.
-_RUNGS_RUN: dict[tuple, set[int]] = {}
+# Per (canvas, CRF, mesh): the capacity pairs compiled in this process, and how many canvases wanted each
+# pair not compiled yet (small ints, no arrays).
+_COMPILED: dict[tuple, set[tuple[int, int]]] = {}
+_WANTED: dict[tuple, dict[tuple[int, int], int]] = {}
 
 
-def _reuse_rung(program: tuple, rungs: tuple[int, ...], num_points: int) -> int:
-  """The bilateral capacity to run `num_points` points at: the smallest rung that holds them, or the next
-  larger one when only that has been compiled for `program` (a step costs ~15% of a warm CRF, a compile
-  ~10 warm CRFs). The result does not depend on the choice: absent points are zero rows."""
-  fitting = _fitting(rungs, num_points)
-  run = _RUNGS_RUN.setdefault(program, set())
-  chosen = fitting[1] if fitting[0] not in run and len(fitting) > 1 and fitting[1] in run else fitting[0]
-  run.add(chosen)
-  return chosen
+def _capacities(program: tuple, rungs: tuple[tuple[int, ...], tuple[int, ...]],
+                num_points: tuple[int, int]) -> tuple[int, int]:
+  """The (Gaussian, bilateral) capacities a batch of `num_points` (its largest counts) runs at.
+
+  Its own tight pair if compiled; else the smallest compiled pair that holds it, until _RECOMPILE_AFTER
+  batches have wanted the tight pair (then that compiles); when no compiled pair holds it, a pair with
+  headroom compiles. The result does not depend on the choice: absent lattice points are zero rows.
+  """
+  tight = tuple(_fitting(r, n) for r, n in zip(rungs, num_points))
+  compiled, wanted = _COMPILED.setdefault(program, set()), _WANTED.setdefault(program, {})
+  holding = [pair for pair in compiled if pair[0] >= num_points[0] and pair[1] >= num_points[1]]
+  if tight in compiled:
+    return tight
+  if holding:
+    wanted[tight] = wanted.get(tight, 0) + 1
+    if wanted[tight] < _RECOMPILE_AFTER:
+      return min(holding, key=sum)
+  else:
+    headroom = (_GAUSSIAN_HEADROOM, _BILATERAL_HEADROOM)
+    tight = tuple(_fitting(r, n * h) for r, n, h in zip(rungs, num_points, headroom))
+  compiled.add(tight)
+  return tight
 
 
 def _fg_counts(masks: jax.Array, truth: jax.Array, valid: jax.Array):
@@ -433,9 +457,9 @@ def _run_canvases(canvases: list[_Canvas], rows: int, crf: CRFConfig,
   fg, counts = parallel.to_host((prepared["fg"], prepared["counts"]))  # [B, S, 4], [B, S, 4, 2]
   if crf.iterations:
     num_points = parallel.to_host(prepared["num_points"])[:len(canvases)].max(axis=0)  # [2]: Gaussian, bilateral
-    gaussian_capacity = _fitting(gaussian_rungs(num_pixels, crf.gaussian_sxy), int(num_points[0]))[0]
-    bilateral_capacity = _reuse_rung((num_pixels, crf, mesh, gaussian_capacity), bilateral_rungs(num_pixels),
-                                     int(num_points[1]))
+    gaussian_capacity, bilateral_capacity = _capacities(
+        (num_pixels, crf, mesh), (gaussian_rungs(num_pixels, crf.gaussian_sxy), bilateral_rungs(num_pixels)),
+        (int(num_points[0]), int(num_points[1])))
     mask, refined_fg, refined_counts = parallel.to_host(_crf_pass(
         prepared["points"], sizes, prepared["energies"], truth, crf=crf, mesh=mesh,
         gaussian_capacity=gaussian_capacity, bilateral_capacity=bilateral_capacity))
