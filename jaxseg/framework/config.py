@@ -25,7 +25,8 @@ class CRFConfig:
   that gets a canvas of the next power of two, a size that compiles its own
   programs) and refined in batches, so a split compiles at most canvas sizes
   x (1 + capacity rungs) programs whatever its number of sizes (a VOC split:
-  one canvas size and usually one rung, i.e. 2 programs). Packing changes no
+  one canvas size; 2 programs for a few dozen images, a few more over a
+  whole split, each compiled only once it pays for itself). Packing changes no
   result: each image of a canvas is its own CRF. A canvas's lattices take
   ~400 bytes per pixel while it is refined. The default, 3 x 2^17, holds two
   500 x 375 VOC photos (VOC-like splits fill ~93% of it, vs ~74% at 2^18);
