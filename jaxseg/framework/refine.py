@@ -167,7 +167,8 @@ def _layout(sizes: jax.Array, num_pixels: int) -> _Layout:
   areas = sizes[:, 0] * sizes[:, 1]
   ends = jnp.cumsum(areas)
   index = jnp.arange(num_pixels, dtype=jnp.int32)
-  slot = jnp.searchsorted(ends, index, side="right").astype(jnp.int32)
+  # Against all CANVAS_SLOTS ends at once: faster than the default binary search's loop, and no loop to compile.
+  slot = jnp.searchsorted(ends, index, side="right", method="compare_all").astype(jnp.int32)
   valid = slot < sizes.shape[0]
   slot = jnp.where(valid, slot, 0)
   local = index - (ends - areas)[slot]
