@@ -147,10 +147,14 @@ def test_canvases_fill_first_fit_and_flush_the_fullest(monkeypatch):
   assert sorted(results) == sorted(item.key for item in big + small)
 
 
-def test_single_image_refine_and_no_crf():
+def test_single_image_refine_and_no_crf(monkeypatch):
   item = make_item(0, (40, 50), seed=3, with_truth=False)
+  canvases = []
+  run = refine_lib._run_canvases
+  monkeypatch.setattr(refine_lib, "_run_canvases", lambda c, *a: canvases.append(c[0].pixels) or run(c, *a))
   mask = framework.refine(item.image, item.fg_prob, CRF)
   assert mask.shape == (40, 50) and np.mean(mask == expected(item)[4]) >= 0.995
+  assert canvases == [4096]  # 2,000 pixels: its own small canvas, not one of crf.canvas_pixels
   no_crf = framework.CRFConfig(iterations=0)
   (_, got), = framework.refine_stream([item], no_crf)
   fused = expected(item, framework.CRFConfig(iterations=1))[3]

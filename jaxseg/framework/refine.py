@@ -39,6 +39,7 @@ patch grid along a side (resizing down is antialiased by jax.image.resize).
 """
 
 import bisect
+import dataclasses
 import functools
 from collections.abc import Iterable, Iterator
 from typing import Any, NamedTuple
@@ -538,7 +539,8 @@ def refine_stream(items: Iterable[RefineItem], crf: CRFConfig = CRFConfig(), *, 
 
 
 def refine(image: jax.Array, fg_prob: jax.Array, crf: CRFConfig = CRFConfig()) -> np.ndarray:
-  """Foreground mask of one image at its own resolution (refine_stream of one item).
+  """Foreground mask of one image at its own resolution (refine_stream of one item, on a canvas of the
+  image's own power-of-two size when that is smaller than crf.canvas_pixels).
 
   Args:
     image: [H, W, 3] uint8 RGB at the original resolution.
@@ -556,5 +558,9 @@ def refine(image: jax.Array, fg_prob: jax.Array, crf: CRFConfig = CRFConfig()) -
   fg_prob = np.asarray(fg_prob, np.float32)
   item = RefineItem(key=None, image=image.astype(np.uint8), fg_prob=fg_prob,
                     level_scores=np.broadcast_to(fg_prob, (3,) + fg_prob.shape), truth=None)
+  # One image needs no room for others: its own power-of-two canvas (the same result, less work).
+  own_canvas = pixel_bucket(image.shape[0] * image.shape[1])
+  if own_canvas is not None and own_canvas < crf.canvas_pixels:
+    crf = dataclasses.replace(crf, canvas_pixels=own_canvas)
   (_, refined), = refine_stream([item], crf, mesh=parallel.batch_mesh(jax.local_devices()[:1]))
   return refined.mask
