@@ -20,6 +20,7 @@ from experiments.passes import context
 from experiments.passes.context import RunContext
 from jaxseg import framework
 from jaxseg.framework.refine import canvas_size
+from jaxseg.framework.refine import pixel_bucket
 
 NAME = "refinement"
 FG_LEVELS = framework.FG_LEVELS
@@ -65,12 +66,17 @@ def run(ctx: RunContext) -> None:
   for c in todo:
     _save_chunk_if_done(ctx, c, pending, done)
   sizes = {image["index"]: image["size"] for image in ctx.images}
-  canvases = sorted({canvas_size(int(np.prod(sizes[i])), ctx.method.crf.canvas_pixels) or 0 for i, _, _ in items})
+  crf = ctx.method.crf
+  whole = pixel_bucket(sum(int(np.prod(sizes[i])) for i, _, _ in items))
+  if whole is not None and whole < crf.canvas_pixels:  # a small split fits a smaller canvas: less work, same result
+    crf = dataclasses.replace(crf, canvas_pixels=whole)
+  canvases = sorted({canvas_size(int(np.prod(sizes[i])), crf.canvas_pixels) or 0 for i, _, _ in items})
   logging.info("refinement: %d images packed into canvases of %s pixels; each canvas size's CRF programs "
                "compile on first use (seconds each on CPU), then every canvas of that size reuses them",
                len(items), [c for c in canvases if c])
   before = framework.refine_programs()
-  stream = framework.refine_stream(refine_items(), ctx.method.crf, batch_size=ctx.config.batch_size, mesh=ctx.mesh)
+  # One canvas per device at a time: a canvas holds many images already, and its lattices ~400 bytes a pixel.
+  stream = framework.refine_stream(refine_items(), crf, mesh=ctx.mesh)
   bar = tqdm.tqdm(stream, total=len(items), desc="refinement (CRF)", unit="image")
   for index, refined in bar:
     bar.set_postfix(compiled=framework.refine_programs() - before, refresh=False)
