@@ -70,12 +70,12 @@ def test_upsample_flat_equals_jax_image_resize():
 
 
 def packing_spy(monkeypatch):
-  """Records, for every batch refine_stream runs, the number of images in each canvas."""
+  """Records, for every batch refine_stream runs, the keys of the images in each canvas."""
   batches = []
   run = refine_lib._run_canvases
 
   def spy(canvases, *args):
-    batches.append([len(canvas.items) for canvas in canvases])
+    batches.append([[item.key for item in canvas.items] for canvas in canvases])
     return run(canvases, *args)
 
   monkeypatch.setattr(refine_lib, "_run_canvases", spy)
@@ -93,7 +93,8 @@ def test_stream_of_many_sizes_matches_independent_computation_in_few_programs(mo
   before = framework.refine_programs()
   results = dict(framework.refine_stream(items, CRF))
   compiled = framework.refine_programs() - before
-  assert sum(map(sum, batches)) == len(sizes) and max(map(max, batches)) > 1  # images shared canvases
+  per_canvas = [len(canvas) for batch in batches for canvas in batch]
+  assert sum(per_canvas) == len(sizes) and max(per_canvas) > 1  # images shared canvases
   assert sorted(results) == list(range(len(sizes)))
   for item in items:
     got, masks = results[item.key], expected(item)
@@ -115,7 +116,7 @@ def test_batch_mixing_sizes_in_one_canvas_matches_pydensecrf_image_by_image(monk
   batches = packing_spy(monkeypatch)
   prepared_before = refine_lib._prepare._cache_size()
   results = dict(framework.refine_stream(items, CRF, batch_size=3))
-  assert batches == [[3]]  # one canvas holds all three
+  assert batches == [[[0, 1, 2]]]  # one canvas holds all three
   assert refine_lib._prepare._cache_size() - prepared_before <= 1  # one batch, one program
   for item in items:
     assert np.mean(results[item.key].mask == expected(item)[4]) >= 0.995
@@ -127,7 +128,7 @@ def test_packed_images_refine_exactly_as_each_alone(monkeypatch):
   items = [make_item(i, size, seed=20 + i) for i, size in enumerate([(40, 50), (44, 52), (40, 50), (37, 61)])]
   batches = packing_spy(monkeypatch)
   packed = dict(framework.refine_stream(items, crf))
-  assert batches == [[4]]
+  assert batches == [[[0, 1, 2, 3]]]
   for item in items:
     (_, alone), = framework.refine_stream([item], crf)
     np.testing.assert_array_equal(packed[item.key].mask, alone.mask)
@@ -136,38 +137,16 @@ def test_packed_images_refine_exactly_as_each_alone(monkeypatch):
 
 
 def test_canvases_fill_first_fit_and_flush_the_fullest(monkeypatch):
-  # 300 x 500 = 150,000 pixels: one per canvas of 262,144 (two would not fit); 60 x 50 ones fill the gaps.
+  # 150,000 and 180,000 pixels: one big per canvas of 262,144 (no two fit); 60 x 50 ones fill the gaps.
   crf = framework.CRFConfig(iterations=0, canvas_pixels=1 << 18)
-  big = [make_item(f"big{i}", (300, 500), seed=i) for i in range(5)]
+  big = [make_item(f"big{i}", (360 if i == 1 else 300, 500), seed=i) for i in range(5)]
   small = [make_item(f"small{i}", (60, 50), seed=i) for i in range(3)]
   batches = packing_spy(monkeypatch)
   results = dict(framework.refine_stream(big[:4] + small + big[4:], crf))
-  # 4 canvases open (batch rows + 3); the smalls go into the first; the fifth big flushes the fullest one.
-  assert batches == [[4], [1], [1], [1], [1]], batches
+  # 4 canvases open (batch rows + 3); the smalls go into the first with room, big0's (159,000 pixels then);
+  # big4 finds no room and flushes the fullest canvas, big1's; the rest go at the end, fullest first.
+  assert batches == [[["big1"]], [["big0", "small0", "small1", "small2"]], [["big2"]], [["big3"]], [["big4"]]], batches
   assert sorted(results) == sorted(item.key for item in big + small)
-
-
-def test_single_image_refine_and_no_crf(monkeypatch):
-  item = make_item(0, (40, 50), seed=3, with_truth=False)
-  canvases = []
-  run = refine_lib._run_canvases
-  monkeypatch.setattr(refine_lib, "_run_canvases", lambda c, *a: canvases.append(c[0].pixels) or run(c, *a))
-  mask = framework.refine(item.image, item.fg_prob, CRF)
-  assert mask.shape == (40, 50) and np.mean(mask == expected(item)[4]) >= 0.995
-  assert canvases == [4096]  # 2,000 pixels: its own small canvas, not one of crf.canvas_pixels
-  no_crf = framework.CRFConfig(iterations=0)
-  (_, got), = framework.refine_stream([item], no_crf)
-  fused = expected(item, framework.CRFConfig(iterations=1))[3]
-  np.testing.assert_array_equal(got.mask, fused)
-  np.testing.assert_array_equal(got.counts, np.zeros((5, 2)))
-
-
-def test_bad_items_raise_naming_the_key():
-  item = make_item("img7", (20, 30), seed=0)
-  with pytest.raises(ValueError, match="img7.*level_scores"):
-    list(framework.refine_stream([item._replace(level_scores=item.level_scores[:2])], CRF))
-  with pytest.raises(ValueError, match="img7.*truth"):
-    list(framework.refine_stream([item._replace(truth=item.truth[:5])], CRF))
 
 
 _RSS_CHILD = textwrap.dedent("""
