@@ -149,6 +149,29 @@ def test_canvases_fill_first_fit_and_flush_the_fullest(monkeypatch):
   assert sorted(results) == sorted(item.key for item in big + small)
 
 
+def test_single_image_refine_and_no_crf(monkeypatch):
+  item = make_item(0, (40, 50), seed=3, with_truth=False)
+  canvases = []
+  run = refine_lib._run_canvases
+  monkeypatch.setattr(refine_lib, "_run_canvases", lambda c, *a: canvases.append(c[0].pixels) or run(c, *a))
+  mask = framework.refine(item.image, item.fg_prob, CRF)
+  assert mask.shape == (40, 50) and np.mean(mask == expected(item)[4]) >= 0.995
+  assert canvases == [4096]  # 2,000 pixels: its own small canvas, not one of crf.canvas_pixels
+  no_crf = framework.CRFConfig(iterations=0)
+  (_, got), = framework.refine_stream([item], no_crf)
+  fused = expected(item, framework.CRFConfig(iterations=1))[3]
+  np.testing.assert_array_equal(got.mask, fused)
+  np.testing.assert_array_equal(got.counts, np.zeros((5, 2)))
+
+
+def test_bad_items_raise_naming_the_key():
+  item = make_item("img7", (20, 30), seed=0)
+  with pytest.raises(ValueError, match="img7.*level_scores"):
+    list(framework.refine_stream([item._replace(level_scores=item.level_scores[:2])], CRF))
+  with pytest.raises(ValueError, match="img7.*truth"):
+    list(framework.refine_stream([item._replace(truth=item.truth[:5])], CRF))
+
+
 _RSS_CHILD = textwrap.dedent("""
     import resource, sys
     sys.path.insert(0, {root!r})

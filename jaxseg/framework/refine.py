@@ -5,11 +5,11 @@ only row-major pixels (x = i % W, y = i // W from a traced W), so images are
 flattened and packed, one after the other, into canvases: flat arrays of a
 fixed pixel count (crf.canvas_pixels, or for an image larger than that the
 smallest of PIXEL_BUCKETS that holds it; see canvas_size), up to CANVAS_SLOTS
-images each, first fit. Each pixel knows its image (its slot); lattice keys carry the slot, so the
-images of a canvas share no lattice point and each is refined exactly as if it
-were alone. Canvases are refined in batches (lax.map on each device: vmap
-compiled the lattice 2-3x slower) sharded over the mesh. Per canvas size, two
-programs:
+images each, first fit. Each pixel knows its image (its slot); lattice keys
+carry the slot, so the images of a canvas share no lattice point and each is
+refined exactly as if it were alone. Canvases are refined in batches (lax.map
+on each device: vmap compiled the lattice 2-3x slower) sharded over the mesh.
+Per canvas size, two kinds of program:
 
   _prepare    upsampling of the level scores and the fused probability to
               each image's traced (H, W) (gathers; equal to jax.image.resize
@@ -26,9 +26,9 @@ programs:
 
 Compilations over a whole split are therefore bounded by canvas sizes x (1 +
 Gaussian rungs x bilateral rungs), whatever the number of distinct sizes, and
-in practice by canvas sizes x (2 + canvases / _RECOMPILE_AFTER): a split of a
-few dozen VOC photos compiles 2 programs, a whole VOC split a few more, each
-of which makes the rest of the split faster than the compile cost. refine_programs()
+are in practice about canvas sizes x (2 + canvases / _RECOMPILE_AFTER): a
+split of a few dozen VOC photos compiles 2 programs, a whole VOC split a few
+more, each of which saves more than it cost to compile. refine_programs()
 reads the count off the jitted functions' caches. Nothing per size is kept, and
 packing wastes few pixels (a power-of-two pad per image cost ~1.5x).
 
