@@ -5,9 +5,8 @@
 
 All refinement goes through jaxseg.framework.refine_stream: images packed into canvases of a few fixed
 pixel counts, so a split compiles a few programs whatever its number of sizes; results come back out of
-order. A mask already on
-disk under the current fingerprint is reused with the counts stamped in it, so a resumed run refines only
-what is missing.
+order. A mask already on disk under the current fingerprint is reused with the counts stamped in it, so a
+resumed run refines only what is missing.
 """
 
 import dataclasses
@@ -20,7 +19,7 @@ from experiments.passes import context
 from experiments.passes.context import RunContext
 from jaxseg import framework
 from jaxseg.framework.refine import canvas_size
-from jaxseg.framework.refine import pixel_bucket
+from jaxseg.framework.refine import fitted_canvas
 
 NAME = "refinement"
 FG_LEVELS = framework.FG_LEVELS
@@ -66,11 +65,9 @@ def run(ctx: RunContext) -> None:
   for c in todo:
     _save_chunk_if_done(ctx, c, pending, done)
   sizes = {image["index"]: image["size"] for image in ctx.images}
-  crf = ctx.method.crf
-  whole = pixel_bucket(sum(int(np.prod(sizes[i])) for i, _, _ in items))
-  if whole is not None and whole < crf.canvas_pixels:  # a small split fits a smaller canvas: less work, same result
-    crf = dataclasses.replace(crf, canvas_pixels=whole)
-  canvases = sorted({canvas_size(int(np.prod(sizes[i])), crf.canvas_pixels) or 0 for i, _, _ in items})
+  areas = [int(np.prod(sizes[i])) for i, _, _ in items]
+  crf = fitted_canvas(ctx.method.crf, sum(areas))
+  canvases = sorted({canvas_size(area, crf.canvas_pixels) or 0 for area in areas})
   logging.info("refinement: %d images packed into canvases of %s pixels; each canvas size's CRF programs "
                "compile on first use (seconds each on CPU), then every canvas of that size reuses them",
                len(items), [c for c in canvases if c])

@@ -148,7 +148,7 @@ def _find_neighbors(keys: jnp.ndarray, table: hash_table.HashTable, capacity: in
     start = jnp.minimum(i * chunk, rows - chunk)
     point = start + jnp.arange(chunk, dtype=jnp.int32)
     own = keys.at[table.first_entry.at[point].get(mode="clip")].get(mode="clip")
-    queries = own[:, None, :] + steps  # [chunk, d+1, d]
+    queries = own[:, None, :] + steps  # [chunk, d+1, W]
     in_use = jnp.broadcast_to((point < num_points)[:, None], queries.shape[:-1])
     hit = hash_table.lookup(table, keys, queries.reshape(-1, keys.shape[1]), in_use.reshape(-1))
     hit = hit.reshape(chunk, dim + 1).T

@@ -221,6 +221,13 @@ def canvas_size(num_pixels: int, canvas_pixels: int) -> int | None:
   return canvas_pixels if num_pixels <= canvas_pixels else pixel_bucket(num_pixels)
 
 
+def fitted_canvas(crf: CRFConfig, num_pixels: int) -> CRFConfig:
+  """crf with canvas_pixels lowered to the power of two that holds num_pixels (a whole job), when smaller:
+  a job that needs no room for more images does less work, with the same result."""
+  whole = pixel_bucket(num_pixels)
+  return dataclasses.replace(crf, canvas_pixels=whole) if whole is not None and whole < crf.canvas_pixels else crf
+
+
 def bilateral_rungs(canvas: int) -> tuple[int, ...]:
   """Descending static bilateral capacities of a canvas of `canvas` pixels."""
   return tuple(sorted({int(np.ceil(canvas * f)) for f in _BILATERAL_RUNG_FRACTIONS}, reverse=True))
@@ -432,6 +439,13 @@ class _Canvas:
     self.items.append(item)
     self.used += _area(item)
 
+  def placed(self) -> Iterator[tuple[int, int, RefineItem]]:
+    """(slot, first pixel, item) of each image, in packing order."""
+    start = 0
+    for slot, item in enumerate(self.items):
+      yield slot, start, item
+      start += _area(item)
+
 
 def _area(item: RefineItem) -> int:
   return item.image.shape[0] * item.image.shape[1]
@@ -446,14 +460,12 @@ def _run_canvases(canvases: list[_Canvas], rows: int, crf: CRFConfig,
   sizes = np.zeros((rows, CANVAS_SLOTS, 2), np.int32)
   grids = np.zeros((rows, CANVAS_SLOTS, 4) + grid_shape, np.float32)
   for row, canvas in enumerate(canvases):
-    start = 0
-    for slot, item in enumerate(canvas.items):
-      area = _area(item)
-      pixels[row, start:start + area] = np.asarray(item.image, np.uint8).reshape(-1, 3)
-      truth[row, start:start + area] = _truth(item).reshape(-1)
+    for slot, start, item in canvas.placed():
+      end = start + _area(item)
+      pixels[row, start:end] = np.asarray(item.image, np.uint8).reshape(-1, 3)
+      truth[row, start:end] = _truth(item).reshape(-1)
       sizes[row, slot] = item.image.shape[:2]
       grids[row, slot] = _grids(item)
-      start += area
   pixels, sizes, grids, truth = parallel.shard_batch((pixels, sizes, grids, truth), mesh)
   prepared = _prepare(pixels, sizes, grids, truth, crf=crf, mesh=mesh)
   fg, counts = parallel.to_host((prepared["fg"], prepared["counts"]))  # [B, S, 4], [B, S, 4, 2]
@@ -469,14 +481,11 @@ def _run_canvases(canvases: list[_Canvas], rows: int, crf: CRFConfig,
     mask = parallel.to_host(prepared["fused"])
     refined_fg, refined_counts = fg[:, :, 3], counts[:, :, 3]
   for row, canvas in enumerate(canvases):
-    start = 0
-    for slot, item in enumerate(canvas.items):
-      height, width = item.image.shape[:2]
-      yield item.key, _result(mask[row, start:start + height * width].reshape(height, width),
+    for slot, start, item in canvas.placed():
+      yield item.key, _result(mask[row, start:start + _area(item)].reshape(item.image.shape[:2]),
                               np.append(fg[row, slot], refined_fg[row, slot]),
                               np.concatenate([counts[row, slot], refined_counts[row, slot][None]]),
                               item.truth is not None)
-      start += height * width
 
 
 # Canvases held open per (canvas size, patch grid) beyond a batch's rows: an image goes into the first open
@@ -558,9 +567,6 @@ def refine(image: jax.Array, fg_prob: jax.Array, crf: CRFConfig = CRFConfig()) -
   fg_prob = np.asarray(fg_prob, np.float32)
   item = RefineItem(key=None, image=image.astype(np.uint8), fg_prob=fg_prob,
                     level_scores=np.broadcast_to(fg_prob, (3,) + fg_prob.shape), truth=None)
-  # One image needs no room for others: its own power-of-two canvas (the same result, less work).
-  own_canvas = pixel_bucket(image.shape[0] * image.shape[1])
-  if own_canvas is not None and own_canvas < crf.canvas_pixels:
-    crf = dataclasses.replace(crf, canvas_pixels=own_canvas)
-  (_, refined), = refine_stream([item], crf, mesh=parallel.batch_mesh(jax.local_devices()[:1]))
+  (_, refined), = refine_stream([item], fitted_canvas(crf, _area(item)),
+                                mesh=parallel.batch_mesh(jax.local_devices()[:1]))
   return refined.mask
