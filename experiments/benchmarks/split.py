@@ -10,7 +10,9 @@ its own fresh subprocess with no persistent XLA cache, so compilation counts;
 pydensecrf refines the same images from the same unaries in this process.
 
 Rows: many sizes vs pydensecrf (seconds, cold, with the seconds spent
-compiling and tracing; then the same split again in the same process, warm),
+compiling and tracing; then the same split again in the same process, warm;
+then a fresh process whose persistent XLA cache an earlier one filled, as a
+rerun of segment with its default --xla_cache_dir),
 many vs 3 sizes (seconds and peak RSS of the subprocess), and the number of
 refinement programs compiled. Last rows refine LARGE_NUM_IMAGES images of as
 many sizes (sides 180-500) the same way: the programs' compile cost is fixed
@@ -107,11 +109,23 @@ def worker(kind: str, num_images: int = NUM_IMAGES, batch_size: int = 1) -> dict
               fg_pixels=[int(results[i].fg_pixels[-1]) for i in range(len(split))])
 
 
-def spawn(kind: str, num_images: int = NUM_IMAGES, batch_size: int = 1) -> dict:
-  """worker() in a fresh subprocess with the persistent compilation cache off."""
-  env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_COMPILATION_CACHE")}
-  env["JAX_ENABLE_COMPILATION_CACHE"] = "false"
+def spawn(kind: str, num_images: int = NUM_IMAGES, batch_size: int = 1, cache_dir: str | None = None) -> dict:
+  """worker() in a fresh subprocess with the persistent compilation cache off, or on in cache_dir (with
+  jax's default thresholds, as segment's --xla_cache_dir)."""
+  env = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_COMPILATION_CACHE", "JAX_PERSISTENT_CACHE"))}
+  if cache_dir is None:
+    env["JAX_ENABLE_COMPILATION_CACHE"] = "false"
+  else:
+    env["JAX_COMPILATION_CACHE_DIR"] = cache_dir
   return run_worker(f"split.worker({kind!r}, {num_images}, {batch_size})", f"split benchmark worker ({kind})", env)
+
+
+def spawn_cached(kind: str, num_images: int = NUM_IMAGES) -> dict:
+  """worker() in a fresh process whose persistent XLA cache a previous process filled: a rerun's cost."""
+  import tempfile
+  with tempfile.TemporaryDirectory(prefix="jaxseg-split-cache-") as cache_dir:
+    spawn(kind, num_images, cache_dir=cache_dir)
+    return spawn(kind, num_images, cache_dir=cache_dir)
 
 
 def reference_seconds(kind: str, num_images: int = NUM_IMAGES) -> tuple[float, list[int]]:
@@ -144,11 +158,15 @@ def _versus_reference(num_images: int) -> dict:
             f"{many['trace_seconds']:.2f} s); mean |d fg pixels| {agree:.2e}")
   row(f"split refine {num_images} sizes warm vs pydensecrf (s)", many["warm_seconds"], ref_s,
       extra="the same process again: what each further image costs")
-  return many
+  return many, ref_s
 
 
 def run() -> None:
-  many, few = _versus_reference(NUM_IMAGES), spawn("few")
+  (many, ref_s), few = _versus_reference(NUM_IMAGES), spawn("few")
+  cached = spawn_cached("many")
+  row(f"split refine {NUM_IMAGES} sizes cached vs pydensecrf (s)", cached["seconds"], ref_s,
+      extra=f"a fresh process, XLA cache filled by an earlier one (a rerun); compile {cached['compile_seconds']:.2f} s, "
+            f"trace and lowering {cached['trace_seconds']:.2f} s")
   row(f"split refine {NUM_IMAGES} sizes vs 3 sizes (s)", many["seconds"], few["seconds"],
       extra=f"{few['programs']} programs for 3 sizes")
   row(f"split peak RSS {NUM_IMAGES} sizes vs 3 sizes (MB)", many["peak_rss_mb"], few["peak_rss_mb"], unit="MB")
