@@ -10,6 +10,7 @@ import skimage.data
 import skimage.transform
 
 from jaxseg.crf import build_lattice, dense_crf, lattice_filter
+from jaxseg.crf import grid
 from jaxseg.crf import hash_table
 from jaxseg.crf import inference
 from jaxseg.crf import lattice as lattice_lib
@@ -264,6 +265,48 @@ def test_segments_of_one_lattice_filter_as_if_each_were_alone():
   np.testing.assert_allclose(filtered, np.concatenate(alone), rtol=1e-6, atol=1e-6)
   separate = sum(int(build(jnp.asarray(p)).num_points) for p in parts)
   assert int(joint.num_points) == separate
+
+
+def _grid_and_hashed(features, segment, num_segments, capacity):
+  """The Gaussian lattice of features [N, 2] built on a grid and hashed (segments as lattice_points')."""
+  on_grid = grid.grid_lattice(grid.grid_points(features, segment, num_segments), capacity)
+  hashed = lattice_lib.lattice_at(lattice_lib.lattice_points(features, segment), 3 * features.shape[0])
+  return on_grid, hashed
+
+
+@pytest.mark.parametrize("sxy", [grid.MIN_SXY, 1.0, 3.0])
+def test_grid_lattice_filters_exactly_as_the_hashed_one(sxy):
+  # Three photo crops packed as segments, the last pixels invalid (they take the first pixel's features,
+  # as crf_features gives them): the same sums in the same order, so bit-equal, forward and transposed.
+  rng = np.random.default_rng(7)
+  shapes = [(37, 50), (64, 23), (5, 81)]
+  position = np.concatenate([inference.flat_positions(h * w, w) for h, w in shapes])
+  segment = np.repeat(np.arange(3, dtype=np.int32), [h * w for h, w in shapes])
+  position[-40:], segment[-40:] = position[0], 0
+  features = jnp.asarray(position / np.float32(sxy))
+  capacity = sum(grid.grid_capacity(h, w, sxy) for h, w in shapes)
+  on_grid, hashed = jax.jit(_grid_and_hashed, static_argnums=(2, 3))(features, jnp.asarray(segment), 3, capacity)
+  assert int(on_grid.num_points) <= capacity
+  values = jnp.asarray(rng.random((len(position), 2)).astype(np.float32))
+  np.testing.assert_array_equal(apply_filter(on_grid, values), apply_filter(hashed, values))
+  transposed = jax.jit(lambda lattice, v: jax.vjp(lambda x: lattice_filter(lattice, x), v)[1](v)[0])
+  np.testing.assert_array_equal(transposed(on_grid, values), transposed(hashed, values))
+
+
+def test_grid_capacity_bounds_every_image_box():
+  # 60 random sizes and scales, each image its own segment (one program). A simplex's vertices lie within 2
+  # of its point in each key coordinate, so each box has at most 2 (H-1) / sxy + 5 rows and
+  # (W-1) / sqrt(3) / sxy + 3 columns (grid_capacity's factors); some boxes use all but one of each.
+  rng = np.random.default_rng(11)
+  sizes = [tuple(int(s) for s in rng.integers(1, 120, 2)) for _ in range(60)]
+  scales = rng.choice([grid.MIN_SXY, 1.0, 1.7, 3.0, 13.0, 80.0], len(sizes))
+  features = np.concatenate([np.stack(np.mgrid[:h, :w][::-1], -1).reshape(-1, 2).astype(np.float32) / np.float32(sxy)
+                             for (h, w), sxy in zip(sizes, scales)])
+  segment = np.repeat(np.arange(len(sizes), dtype=np.int32), [h * w for h, w in sizes])
+  boxes = jax.jit(grid.grid_points, static_argnums=2)(jnp.asarray(features), jnp.asarray(segment), len(sizes)).shape
+  for (height, width), sxy, (rows, cols) in zip(sizes, scales, np.asarray(boxes)):
+    assert 0 < rows <= 2 * (height - 1) / sxy + 5 and 0 < cols <= (width - 1) / np.sqrt(3) / sxy + 3
+    assert rows * cols <= grid.grid_capacity(height, width, sxy), (height, width, sxy)
 
 
 @pytest.mark.parametrize("num_entries, key_range", [(64, 6), (5000, 12), (5000, 1000)])

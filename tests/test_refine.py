@@ -149,6 +149,26 @@ def test_canvases_fill_first_fit_and_flush_the_fullest(monkeypatch):
   assert sorted(results) == sorted(item.key for item in big + small)
 
 
+def test_a_canvas_takes_images_while_their_lattices_fit_its_largest_rung(monkeypatch):
+  # 1 x 128 strips at sxy 0.8 need up to 474 Gaussian cells each (3.7 per pixel): 25 fill the 3 x 4,096 of a
+  # 4,096-pixel canvas, though 32 would fit its pixels and slots. Each still refines as it does alone.
+  crf = framework.CRFConfig(iterations=2, canvas_pixels=4096, gaussian_sxy=0.8)
+  rng = np.random.default_rng(5)
+  photo = skimage.data.chelsea()
+  items = [framework.RefineItem(key=i, image=np.ascontiguousarray(photo[8 * i:8 * i + 1, :128]),
+                                fg_prob=rng.random((1, 2)).astype(np.float32),
+                                level_scores=rng.random((3, 1, 2)).astype(np.float32), truth=None) for i in range(30)]
+  batches = packing_spy(monkeypatch)
+  packed = dict(framework.refine_stream(items, crf))
+  assert [len(canvas) for batch in batches for canvas in batch] == [25, 5]
+  for item in items[:2] + items[-2:]:
+    (_, alone), = framework.refine_stream([item], crf)
+    np.testing.assert_array_equal(packed[item.key].mask, alone.mask)
+  # A 1 x 4,096 strip needs up to 14,788 cells, more than any 4,096-pixel canvas holds: it runs at its own size.
+  long_strip = items[0]._replace(image=np.tile(items[0].image, (1, 32, 1)))
+  assert refine_lib._canvas_of(items[0], crf) == 4096 and refine_lib._canvas_of(long_strip, crf) is None
+
+
 def test_single_image_refine_and_no_crf(monkeypatch):
   item = make_item(0, (40, 50), seed=3, with_truth=False)
   canvases = []

@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxseg.crf import grid as grid_lib
 from jaxseg.crf import lattice as lattice_lib
 from jaxseg.crf.lattice import Lattice, lattice_filter
 
@@ -62,15 +63,40 @@ def gaussian_lattice(height: int, width: int, sxy: float, valid: Optional[jnp.nd
   """
   valid = jnp.ones(height * width, bool) if valid is None else jnp.reshape(valid, -1)
   features = _valid_features(flat_positions(height * width, width) / np.float32(sxy), valid)
-  return lattice_lib.lattice_at(lattice_lib.lattice_points(features), gaussian_capacity(height, width, sxy))
+  return gaussian_lattice_at(gaussian_points(features, sxy), gaussian_capacity(height, width, sxy))
+
+
+def gaussian_points(features: jnp.ndarray, sxy: float, segment: Optional[jnp.ndarray] = None,
+                    num_segments: int = 1):
+  """The position kernel's capacity-independent lattice of features [N, 2] (positions / sxy): a grid
+  lattice (grid.grid_points, no hashing) from sxy >= grid.MIN_SXY, else hashed (lattice.lattice_points)."""
+  if sxy >= grid_lib.MIN_SXY:
+    return grid_lib.grid_points(features, segment, num_segments)
+  return lattice_lib.lattice_points(features, segment)
+
+
+def gaussian_lattice_at(points, capacity: int) -> Lattice:
+  """The Lattice of gaussian_points at a static capacity."""
+  if isinstance(points, grid_lib.GridPoints):
+    return grid_lib.grid_lattice(points, capacity)
+  return lattice_lib.lattice_at(points, capacity)
+
+
+def num_points(points) -> jnp.ndarray:
+  """[] int32: the capacity gaussian_points or lattice.lattice_points need."""
+  return points.num_cells if isinstance(points, grid_lib.GridPoints) else points.table.num_unique
 
 
 def gaussian_capacity(height: int, width: int, sxy: float) -> int:
-  """Static bound on the Gaussian lattice's points: about 2/sqrt(3) per unit area plus 3 per unit of perimeter.
+  """Static bound on the Gaussian lattice of an H x W image (gaussian_points).
 
-  Measured on sizes 1x1 to 520x520 and sxy 0.3-10: the perimeter term never
-  exceeded 2.5; 3 (= d+1) points per pixel can never overflow.
+  On a grid (sxy >= grid.MIN_SXY): grid.grid_capacity. Hashed: about 2/sqrt(3)
+  points per unit area plus 3 per unit of perimeter (measured on sizes 1x1 to
+  520x520 and sxy 0.3-10, the perimeter term never exceeded 2.5), and 3
+  (= d+1) points per pixel can never overflow.
   """
+  if sxy >= grid_lib.MIN_SXY:
+    return grid_lib.grid_capacity(height, width, sxy)
   area = 2.0 / np.sqrt(3.0) * height * width / sxy ** 2
   return int(min(3 * height * width, np.ceil(area + 3.0 * ((height + width) / sxy + 2.0))))
 
@@ -179,25 +205,28 @@ def _check_inputs(image, unary, iterations: int, sigmas) -> None:
 
 
 class KernelPoints(NamedTuple):
-  """The capacity-independent lattice points of both kernels of one image (lattice.lattice_points)."""
-  gaussian: lattice_lib.LatticePoints
+  """The capacity-independent lattice points of both kernels of one image: gaussian_points (grid.GridPoints
+  or lattice.LatticePoints) and lattice.lattice_points."""
+  gaussian: "grid_lib.GridPoints | lattice_lib.LatticePoints"
   bilateral: lattice_lib.LatticePoints
 
 
 def kernel_points(pixels: jnp.ndarray, valid: jnp.ndarray, position: jnp.ndarray, *, gaussian_sxy: float,
-                  bilateral_sxy: float, bilateral_srgb: float,
-                  segment: Optional[jnp.ndarray] = None) -> KernelPoints:
-  """Lattice points of a flat image's two kernels; `num_unique` of each tells the capacity it needs.
+                  bilateral_sxy: float, bilateral_srgb: float, segment: Optional[jnp.ndarray] = None,
+                  num_segments: int = 1) -> KernelPoints:
+  """Lattice points of a flat image's two kernels; num_points of each tells the capacity it needs.
 
   Args: as crf_features (pixels [N, 3] uint8, valid [N] bool, position [N, 2] float32), and
-    segment: optional [N] int32 image of each pixel when several images share the arrays: each is
-      then its own CRF (lattice.lattice_points); invalid pixels join the first valid one's image.
+    segment: optional [N] int32 image of each pixel, in [0, num_segments) (static), when several
+      images share the arrays: each is then its own CRF (lattice.lattice_points); invalid pixels
+      join the first valid one's image.
   """
   gaussian, bilateral = crf_features(pixels, valid, position, gaussian_sxy=gaussian_sxy,
                                      bilateral_sxy=bilateral_sxy, bilateral_srgb=bilateral_srgb)
   if segment is not None:
     segment = _valid_features(segment, valid)
-  return KernelPoints(lattice_lib.lattice_points(gaussian, segment), lattice_lib.lattice_points(bilateral, segment))
+  return KernelPoints(gaussian_points(gaussian, gaussian_sxy, segment, num_segments),
+                      lattice_lib.lattice_points(bilateral, segment))
 
 
 class _Kernels(NamedTuple):
@@ -268,7 +297,7 @@ def crf_marginals(points: KernelPoints, energies: jnp.ndarray, valid: jnp.ndarra
   kernels = _Kernels(float(gaussian_weight), float(bilateral_weight), int(gaussian_capacity),
                      tuple(int(c) for c in bilateral_capacities), int(iterations))
   if gaussian is None:
-    gaussian = lattice_lib.lattice_at(points.gaussian, kernels.gaussian_capacity)
+    gaussian = gaussian_lattice_at(points.gaussian, kernels.gaussian_capacity)
   return _inference(kernels, gaussian, points.bilateral, valid, energies)
 
 

@@ -67,8 +67,11 @@ CANVAS_SLOTS = 32  # images per canvas at most (static per-image arrays)
 _BILATERAL_RUNG_FRACTIONS = (6.0, 1.5, 0.75, 0.375, 0.1875, 0.09375)
 # Gaussian capacity rungs as fractions of a full canvas's area term: the lattice of a W x H grid has
 # 2 / sqrt(3) points per unit area plus a perimeter term (inference.gaussian_capacity), so a full canvas of
-# images of sides >= ~10 sxy needs 1.0-1.5, a partly filled one less; 3 points per pixel never overflow.
+# images of sides >= ~10 sxy needs 1.0-1.5, a partly filled one less.
 _GAUSSIAN_AREA_FRACTIONS = (0.25, 0.5, 0.75, 0.875, 1.0, 1.0625, 1.125, 1.25, 1.5)
+# The largest Gaussian rung per canvas pixel. A canvas takes images while the sum of their lattice bounds
+# (_cells) stays within it, so no canvas overflows it.
+_GAUSSIAN_MAX_PER_PIXEL = 3
 # Every (Gaussian, bilateral) capacity pair compiles its own CRF program (~1 s on CPU), and a canvas runs at
 # any compiled pair that holds it, at the cost of a larger blur (running at 2x its points cost ~10-20% of a
 # canvas's ~0.3 s). So: reuse compiled pairs, and compile a canvas's own tight pair once that many canvases
@@ -236,8 +239,9 @@ def bilateral_rungs(canvas: int) -> tuple[int, ...]:
 def gaussian_rungs(canvas: int, sxy: float) -> tuple[int, ...]:
   """Descending static Gaussian capacities of a canvas: fractions of a full canvas's area term, and 3 per pixel."""
   area = 2.0 / np.sqrt(3.0) * canvas / sxy ** 2
-  rungs = {min(3 * canvas, int(np.ceil(f * area)) + 64) for f in _GAUSSIAN_AREA_FRACTIONS}
-  return tuple(sorted(rungs | {3 * canvas}, reverse=True))
+  top = _GAUSSIAN_MAX_PER_PIXEL * canvas
+  rungs = {min(top, int(np.ceil(f * area)) + 64) for f in _GAUSSIAN_AREA_FRACTIONS}
+  return tuple(sorted(rungs | {top}, reverse=True))
 
 
 def _fitting(rungs: tuple[int, ...], num_points: float) -> int:
@@ -305,9 +309,10 @@ def _prepare_canvas(pixels, sizes, grids, truth, *, crf: CRFConfig):
   if crf.iterations:
     out["energies"] = unary_from_prob(probs[3])
     position = jnp.stack([layout.x, layout.y], axis=-1).astype(jnp.float32)
-    out["points"] = inference.kernel_points(pixels, layout.valid, position, segment=layout.slot, **_crf_params(crf))
-    out["num_points"] = jnp.stack([out["points"].gaussian.table.num_unique,
-                                   out["points"].bilateral.table.num_unique])
+    out["points"] = inference.kernel_points(pixels, layout.valid, position, segment=layout.slot,
+                                            num_segments=sizes.shape[0], **_crf_params(crf))
+    out["num_points"] = jnp.stack([inference.num_points(out["points"].gaussian),
+                                   inference.num_points(out["points"].bilateral)])
   return out
 
 
@@ -412,7 +417,14 @@ def _canvas_of(item: RefineItem, crf: CRFConfig) -> int | None:
   grid_h, grid_w = np.shape(item.fg_prob)
   if downscaled_size((height, width), crf.max_side) != (height, width) or height < grid_h or width < grid_w:
     return None
-  return canvas_size(height * width, crf.canvas_pixels)
+  canvas = canvas_size(height * width, crf.canvas_pixels)
+  # A very thin image's Gaussian lattice may outgrow the canvas's largest rung: its own size then.
+  return canvas if canvas is None or _cells(item, crf) <= _GAUSSIAN_MAX_PER_PIXEL * canvas else None
+
+
+def _cells(item: RefineItem, crf: CRFConfig) -> int:
+  """Static bound on the item's Gaussian lattice points (inference.gaussian_capacity)."""
+  return inference.gaussian_capacity(item.image.shape[0], item.image.shape[1], crf.gaussian_sxy)
 
 
 def _result(mask: np.ndarray, fg: np.ndarray, counts: np.ndarray, has_truth: bool) -> RefinedImage:
@@ -429,15 +441,17 @@ def _run_own_size(item: RefineItem, crf: CRFConfig) -> RefinedImage:
 class _Canvas:
   """Items packed one after the other into `pixels` pixels (host side, before refinement)."""
 
-  def __init__(self, pixels: int):
-    self.pixels, self.used, self.items = pixels, 0, []
+  def __init__(self, pixels: int, crf: CRFConfig):
+    self.pixels, self.crf, self.used, self.cells, self.items = pixels, crf, 0, 0, []
 
   def fits(self, item: RefineItem) -> bool:
-    return len(self.items) < CANVAS_SLOTS and self.used + _area(item) <= self.pixels
+    return (len(self.items) < CANVAS_SLOTS and self.used + _area(item) <= self.pixels
+            and self.cells + _cells(item, self.crf) <= _GAUSSIAN_MAX_PER_PIXEL * self.pixels)
 
   def add(self, item: RefineItem) -> None:
     self.items.append(item)
     self.used += _area(item)
+    self.cells += _cells(item, self.crf)
 
   def placed(self) -> Iterator[tuple[int, int, RefineItem]]:
     """(slot, first pixel, item) of each image, in packing order."""
@@ -539,7 +553,7 @@ def refine_stream(items: Iterable[RefineItem], crf: CRFConfig = CRFConfig(), *, 
         group.sort(key=lambda canvas: -canvas.used)
         yield from _run_canvases(group[:rows], rows, crf, mesh)
         del group[:rows]
-      target = _Canvas(canvas_size)
+      target = _Canvas(canvas_size, crf)
       group.append(target)
     target.add(item)
   for group in open_canvases.values():
