@@ -27,8 +27,11 @@ class CRFConfig:
   x (1 + capacity rungs) programs whatever its number of sizes (a VOC split:
   one canvas size; 2 programs for a few dozen images, a few more over a
   whole split, each compiled only once it pays for itself). Packing changes no
-  result: each image of a canvas is its own CRF. A canvas's lattices take
-  ~400 bytes per pixel while it is refined. The default, 3 x 2^17, holds two
+  result: each image of a canvas is its own CRF. A canvas takes images while
+  the bounds of their Gaussian lattices fit 3 points per canvas pixel (only
+  strips a few pixels thin come near it; one too thin for any canvas runs at
+  its own size). A canvas's lattices take ~400 bytes per pixel while it is
+  refined. The default, 3 x 2^17, holds two
   500 x 375 VOC photos (VOC-like splits fill ~93% of it, vs ~74% at 2^18);
   COCO's config uses 2^20 (3 COCO photos, ~90%, and every COCO image fits).
   """
