@@ -76,6 +76,16 @@ def test_matches_pydensecrf_on_full_size_photo(name, num_labels, kind, params_na
   assert_matches_reference(image, make_unary(image.shape[:2], num_labels, kind, seed=1), params_name)
 
 
+@pytest.mark.parametrize("gaussian_sxy", [0.5, grid.MIN_SXY])
+def test_position_kernel_hashed_below_and_on_a_grid_from_min_sxy_matches_pydensecrf(gaussian_sxy):
+  image = photo("chelsea", 0.25)  # 75 x 113
+  unary = make_unary(image.shape[:2], 3, "noisy")
+  params = dict(VOC, gaussian_sxy=gaussian_sxy)
+  q = np.asarray(jax.jit(functools.partial(dense_crf, iterations=10, **params))(image, unary))
+  q_ref = reference_crf(image, unary, **params)
+  assert np.mean(q.argmax(-1) == q_ref.argmax(-1)) >= 0.995 and np.abs(q - q_ref).mean() <= 1e-4
+
+
 @pytest.mark.parametrize("height, width, num_labels", [(1, 1, 2), (1, 7, 3), (6, 5, 4)])
 def test_tiny_images_match_pydensecrf(height, width, num_labels):
   rng = np.random.default_rng(height * 10 + width)

@@ -4,7 +4,7 @@ For 2-D features the lattice points are keys (k0, k1) (k2 = -k0 - k1) whose
 coordinates are all congruent mod 3, and (c, b) = (k0 + k1, (k1 - k0) / 3)
 numbers them one to one, with c = b (mod 2). Pixel positions map to
 c ~ 2 y / sxy and b ~ -1.15 x / sxy, so an image's points fill an axis-aligned
-box of cells (c, (b - c mod 2) / 2) with few holes. Each segment (image) gets
+box of cells (c, floor(b / 2)) with few holes. Each segment (image) gets
 its own box, one after another; a simplex vertex's cell is arithmetic on its
 key, and a blur neighbour is arithmetic on the cell, kept only where some
 vertex lies (the hashed lattice has no other points). The lattice then
@@ -52,7 +52,7 @@ def _cell(keys: jnp.ndarray):
   """keys [..., 2] int32 -> (c, column) [...] int32."""
   c = keys[..., 0] + keys[..., 1]
   b = (keys[..., 1] - keys[..., 0]) // 3  # exact: the coordinates are congruent mod 3
-  return c, (b - (c & 1)) >> 1
+  return c, b >> 1  # one to one along a row: its b are all of c's parity
 
 
 def grid_points(features: jnp.ndarray, segment: Optional[jnp.ndarray] = None, num_segments: int = 1) -> GridPoints:
@@ -102,7 +102,7 @@ def grid_lattice(points: GridPoints, capacity: int) -> Lattice:
 
   def neighbour(delta_c, delta_b):
     c_n, b_n = c + delta_c, b + delta_b
-    row_n, col_n = c_n - points.low[segment, 0], ((b_n - (c_n & 1)) >> 1) - points.low[segment, 1]
+    row_n, col_n = c_n - points.low[segment, 0], (b_n >> 1) - points.low[segment, 1]
     inside = in_use & (row_n >= 0) & (row_n < rows) & (col_n >= 0) & (col_n < cols)
     index = jnp.where(inside, points.base[segment] + row_n * cols + col_n, capacity)
     index = jnp.where(exists[index], index, capacity)
