@@ -71,19 +71,17 @@ def grid_points(features: jnp.ndarray, segment: Optional[jnp.ndarray] = None, nu
   simplices = enclosing_simplices(features)
   c, col = _cell(simplices.keys)  # [3, N]
   segment = jnp.zeros(num_inputs, jnp.int32) if segment is None else segment.astype(jnp.int32)
-  ids = jnp.broadcast_to(segment, c.shape).reshape(-1)
-  # Each segment's extents in one scatter (each scatter compiles for ~0.1 s); absent: the int32 minimum.
-  extents = jax.ops.segment_max(jnp.stack([-c, -col, c, col], axis=-1).reshape(-1, 4), ids, num_segments)
-  c_low, col_low, c_high, col_high = -extents[:, 0], -extents[:, 1], extents[:, 2], extents[:, 3]
-  present = c_high > jnp.iinfo(jnp.int32).min
+  reduce = lambda fn, x: fn(x, segment, num_segments)  # over pixels, of their vertices' extremes: 3x fewer
+  c_low, col_low = reduce(jax.ops.segment_min, c.min(0)), reduce(jax.ops.segment_min, col.min(0))
+  c_high, col_high = reduce(jax.ops.segment_max, c.max(0)), reduce(jax.ops.segment_max, col.max(0))
+  present = c_high >= c_low  # an absent segment keeps the identities: int32 min and max
   rows = jnp.where(present, c_high - c_low + 1, 0)
   cols = jnp.where(present, col_high - col_low + 1, 0)
   sizes = rows * cols
   base = jnp.cumsum(sizes) - sizes
   cells = base[segment] + (c - c_low[segment]) * cols[segment] + (col - col_low[segment])
-  low = jnp.where(present[:, None], jnp.stack([c_low, col_low], -1), 0)
-  return GridPoints(offsets=cells.T, weights=simplices.weights, low=low, shape=jnp.stack([rows, cols], -1),
-                    base=base, num_cells=jnp.sum(sizes))
+  return GridPoints(offsets=cells.T, weights=simplices.weights, low=jnp.stack([c_low, col_low], -1),
+                    shape=jnp.stack([rows, cols], -1), base=base, num_cells=jnp.sum(sizes))
 
 
 def grid_lattice(points: GridPoints, capacity: int) -> Lattice:
