@@ -82,9 +82,9 @@ _COMPILE_EVENTS = {"/jax/core/compile/backend_compile_duration": "compile",
                    "/jax/core/compile/jaxpr_to_mlir_module_duration": "trace"}
 
 
-def worker(kind: str, num_images: int = NUM_IMAGES, batch_size: int = 1) -> dict:
-  """Refines a split in this process (meant to be a fresh one), then again warm: seconds (cold, of which
-  compile and trace+lowering, and warm), programs, peak RSS, fg pixels."""
+def worker(kind: str, num_images: int = NUM_IMAGES, batch_size: int = 1, warm: bool = True) -> dict:
+  """Refines a split in this process (meant to be a fresh one), then (if warm) again: seconds (cold, of
+  which compile and trace+lowering, and warm or None), programs, peak RSS, fg pixels."""
   import resource
   import time
 
@@ -102,14 +102,18 @@ def worker(kind: str, num_images: int = NUM_IMAGES, batch_size: int = 1) -> dict
   results = dict(framework.refine_stream(split, framework.CRFConfig(), batch_size=batch_size))
   seconds = time.perf_counter() - start
   peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-  start = time.perf_counter()
-  dict(framework.refine_stream(split, framework.CRFConfig(), batch_size=batch_size))
-  return dict(seconds=seconds, warm_seconds=time.perf_counter() - start, programs=framework.refine_programs(),
+  warm_seconds = None
+  if warm:
+    start = time.perf_counter()
+    dict(framework.refine_stream(split, framework.CRFConfig(), batch_size=batch_size))
+    warm_seconds = time.perf_counter() - start
+  return dict(seconds=seconds, warm_seconds=warm_seconds, programs=framework.refine_programs(),
               compile_seconds=spent["compile"], trace_seconds=spent["trace"], peak_rss_mb=peak_rss_mb,
               fg_pixels=[int(results[i].fg_pixels[-1]) for i in range(len(split))])
 
 
-def spawn(kind: str, num_images: int = NUM_IMAGES, batch_size: int = 1, cache_dir: str | None = None) -> dict:
+def spawn(kind: str, num_images: int = NUM_IMAGES, batch_size: int = 1, cache_dir: str | None = None,
+          warm: bool = True) -> dict:
   """worker() in a fresh subprocess with the persistent compilation cache off, or on in cache_dir (with
   jax's default thresholds, as segment's --xla_cache_dir)."""
   env = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_COMPILATION_CACHE", "JAX_PERSISTENT_CACHE"))}
@@ -117,15 +121,16 @@ def spawn(kind: str, num_images: int = NUM_IMAGES, batch_size: int = 1, cache_di
     env["JAX_ENABLE_COMPILATION_CACHE"] = "false"
   else:
     env["JAX_COMPILATION_CACHE_DIR"] = cache_dir
-  return run_worker(f"split.worker({kind!r}, {num_images}, {batch_size})", f"split benchmark worker ({kind})", env)
+  return run_worker(f"split.worker({kind!r}, {num_images}, {batch_size}, {warm})", f"split benchmark worker ({kind})",
+                    env)
 
 
 def spawn_cached(kind: str, num_images: int = NUM_IMAGES) -> dict:
   """worker() in a fresh process whose persistent XLA cache a previous process filled: a rerun's cost."""
   import tempfile
   with tempfile.TemporaryDirectory(prefix="jaxseg-split-cache-") as cache_dir:
-    spawn(kind, num_images, cache_dir=cache_dir)
-    return spawn(kind, num_images, cache_dir=cache_dir)
+    spawn(kind, num_images, cache_dir=cache_dir, warm=False)
+    return spawn(kind, num_images, cache_dir=cache_dir, warm=False)
 
 
 def reference_seconds(kind: str, num_images: int = NUM_IMAGES) -> tuple[float, list[int]]:
@@ -165,8 +170,8 @@ def run() -> None:
   (many, ref_s), few = _versus_reference(NUM_IMAGES), spawn("few")
   cached = spawn_cached("many")
   row(f"split refine {NUM_IMAGES} sizes cached vs pydensecrf (s)", cached["seconds"], ref_s,
-      extra=f"a fresh process, XLA cache filled by an earlier one (a rerun); compile {cached['compile_seconds']:.2f} s, "
-            f"trace and lowering {cached['trace_seconds']:.2f} s")
+      extra=f"a fresh process, XLA cache filled by an earlier one (a rerun); compile "
+            f"{cached['compile_seconds']:.2f} s, trace and lowering {cached['trace_seconds']:.2f} s")
   row(f"split refine {NUM_IMAGES} sizes vs 3 sizes (s)", many["seconds"], few["seconds"],
       extra=f"{few['programs']} programs for 3 sizes")
   row(f"split peak RSS {NUM_IMAGES} sizes vs 3 sizes (MB)", many["peak_rss_mb"], few["peak_rss_mb"], unit="MB")

@@ -91,19 +91,20 @@ def grid_lattice(points: GridPoints, capacity: int) -> Lattice:
   segment = jnp.minimum(jnp.searchsorted(ends, cell, side="right", method="compare_all"),
                         ends.shape[0] - 1).astype(jnp.int32)
   rows, cols = points.shape[segment, 0], jnp.maximum(points.shape[segment, 1], 1)
-  local = cell - points.base[segment]
+  base, c_low, col_low = points.base[segment], points.low[segment, 0], points.low[segment, 1]
+  local = cell - base
   row = local // cols
-  c = row + points.low[segment, 0]
-  b = 2 * (local - row * cols + points.low[segment, 1]) + (c & 1)
+  c = row + c_low
+  b = 2 * (local - row * cols + col_low) + (c & 1)
   in_use = cell < points.num_cells
   exists = jnp.zeros(capacity + 1, bool).at[points.offsets.reshape(-1)].set(True, mode="drop")
   exists = exists.at[capacity].set(False)
 
   def neighbour(delta_c, delta_b):
     c_n, b_n = c + delta_c, b + delta_b
-    row_n, col_n = c_n - points.low[segment, 0], (b_n >> 1) - points.low[segment, 1]
+    row_n, col_n = c_n - c_low, (b_n >> 1) - col_low
     inside = in_use & (row_n >= 0) & (row_n < rows) & (col_n >= 0) & (col_n < cols)
-    index = jnp.where(inside, points.base[segment] + row_n * cols + col_n, capacity)
+    index = jnp.where(inside, base + row_n * cols + col_n, capacity)
     index = jnp.where(exists[index], index, capacity)
     return jnp.append(index, capacity)  # the zero row's neighbours: itself
 

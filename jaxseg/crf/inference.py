@@ -66,11 +66,16 @@ def gaussian_lattice(height: int, width: int, sxy: float, valid: Optional[jnp.nd
   return gaussian_lattice_at(gaussian_points(features, sxy), gaussian_capacity(height, width, sxy))
 
 
+def _on_grid(sxy: float) -> bool:
+  """Whether the position kernel's lattice is a grid one (grid.py) rather than hashed."""
+  return sxy >= grid_lib.MIN_SXY
+
+
 def gaussian_points(features: jnp.ndarray, sxy: float, segment: Optional[jnp.ndarray] = None,
                     num_segments: int = 1):
   """The position kernel's capacity-independent lattice of features [N, 2] (positions / sxy): a grid
   lattice (grid.grid_points, no hashing) from sxy >= grid.MIN_SXY, else hashed (lattice.lattice_points)."""
-  if sxy >= grid_lib.MIN_SXY:
+  if _on_grid(sxy):
     return grid_lib.grid_points(features, segment, num_segments)
   return lattice_lib.lattice_points(features, segment)
 
@@ -95,7 +100,7 @@ def gaussian_capacity(height: int, width: int, sxy: float) -> int:
   520x520 and sxy 0.3-10, the perimeter term never exceeded 2.5), and 3
   (= d+1) points per pixel can never overflow.
   """
-  if sxy >= grid_lib.MIN_SXY:
+  if _on_grid(sxy):
     return grid_lib.grid_capacity(height, width, sxy)
   area = 2.0 / np.sqrt(3.0) * height * width / sxy ** 2
   return int(min(3 * height * width, np.ceil(area + 3.0 * ((height + width) / sxy + 2.0))))
