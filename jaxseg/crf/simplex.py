@@ -90,32 +90,29 @@ def enclosing_simplices(features: jnp.ndarray, segment: Optional[jnp.ndarray] = 
   rank = [k + a for k, a in zip(rank, adds)]
   rem0 = [r + a.astype(jnp.float32) for r, a in zip(rem0, adds)]
 
-  # Per-point arrays enter a loop over vertices as operands, so XLA materialises them once;
-  # fused into the keys' and weights' consumers it recomputed the whole simplex for each use.
-  rank = jnp.stack(rank, axis=-1)  # [N, d+1]
-  rem0_int = jnp.stack([r.astype(jnp.int32) for r in rem0[:dim]], axis=-1)  # [N, d]
-  scaled_residual = jnp.stack([(v - r) * down for v, r in zip(elevated, rem0)], axis=-1)  # [N, d+1]
+  # Per-point arrays materialised once (a barrier): fused into the keys' and weights' consumers,
+  # XLA recomputed the whole simplex for each use. The weights are then one vectorised [N, d+1]
+  # expression: a loop writing them per vertex into [d+1, N], then transposed, took a third longer.
+  rank, rem0_int, scaled_residual = jax.lax.optimization_barrier((
+      jnp.stack(rank, axis=-1),  # [N, d+1]
+      jnp.stack([r.astype(jnp.int32) for r in rem0[:dim]], axis=-1),  # [N, d]
+      jnp.stack([(v - r) * down for v, r in zip(elevated, rem0)], axis=-1)))  # [N, d+1]
 
-  def barycentric(p):
-    """u[p] (p.10 of Adams et al.): the scaled residual of the coordinate of rank d - p. [N]."""
-    u = scaled_residual[:, 0]
-    for k in range(1, n_vertices):
-      u = jnp.where(rank[:, k] == dim - p, scaled_residual[:, k], u)
-    return u
-
-  def vertex(r, keys_and_weights):
+  def vertex(r, keys):
     """Vertex r = rem0 + canonical simplex r, canonical[r][k] = r - (d+1) if rank[k] > d - r."""
-    keys, weights = keys_and_weights
     key = rem0_int + r - jnp.where(rank[:, :dim] > dim - r, n_vertices, 0)
     if segment is not None:
       key = jnp.concatenate([key, segment.astype(jnp.int32)[:, None]], axis=-1)
-    u_r, u_previous = barycentric(r), barycentric((r + dim) % n_vertices)
-    weight = jnp.where(r == 0, u_r + (1.0 - u_previous), u_r - u_previous)
-    return (jax.lax.dynamic_update_index_in_dim(keys, key, r, axis=0),
-            jax.lax.dynamic_update_index_in_dim(weights, weight, r, axis=0))
+    return jax.lax.dynamic_update_index_in_dim(keys, key, r, axis=0)
 
   num_inputs = rank.shape[0]
-  keys, weights = jax.lax.fori_loop(
-      0, n_vertices, vertex, (jnp.zeros((n_vertices, num_inputs, dim + (segment is not None)), jnp.int32),
-                              jnp.zeros((n_vertices, num_inputs), jnp.float32)))
-  return Simplices(keys=keys, weights=weights.T)
+  keys = jax.lax.fori_loop(0, n_vertices, vertex,
+                           jnp.zeros((n_vertices, num_inputs, dim + (segment is not None)), jnp.int32))
+
+  # u[:, p] (p.10 of Adams et al.): the scaled residual of the coordinate of rank d - p.
+  wanted = dim - np.arange(n_vertices, dtype=np.int32)
+  u = jnp.broadcast_to(scaled_residual[:, :1], scaled_residual.shape)
+  for k in range(1, n_vertices):
+    u = jnp.where(rank[:, k:k + 1] == wanted, scaled_residual[:, k:k + 1], u)
+  weights = jnp.concatenate([u[:, :1] + (1.0 - u[:, dim:]), u[:, 1:] - u[:, :dim]], axis=-1)
+  return Simplices(keys=keys, weights=weights)
