@@ -338,6 +338,34 @@ def test_hash_table_ids_follow_first_occurrence(num_entries, key_range):
   assert found[0] == -1 and (found[num_entries:] == -1).all()
 
 
+@pytest.mark.parametrize("length", [1, 31, 32, 33, 100_003])
+def test_running_count_and_first_flagged_are_cumsum_and_nonzero(length):
+  rng = np.random.default_rng(length)
+  flags = rng.random(length) < 0.3
+  np.testing.assert_array_equal(jax.jit(hash_table._running_count)(jnp.asarray(flags)), np.cumsum(flags))
+  flagged = np.flatnonzero(flags)
+  for size in (1, max(1, len(flagged) // 2), len(flagged) + 7):
+    expected = np.full(size, -5)
+    expected[:min(size, len(flagged))] = flagged[:size]
+    first = jax.jit(hash_table._first_flagged, static_argnums=(1, 2))(jnp.asarray(flags), size, -5)
+    np.testing.assert_array_equal(first, expected)
+
+
+def test_scaled_filter_is_the_filter_of_the_scaled_values():
+  rng = np.random.default_rng(3)
+  features = jnp.asarray(rng.random((4000, 3)) * 6, jnp.float32)
+  values = jnp.asarray(rng.random((4000, 5)), jnp.float32)
+  scale = jnp.asarray(rng.random((4000, 1)) + 0.5, jnp.float32)
+  lattice = build(features)
+  composed = lambda values, scale: lattice_filter(lattice, scale * values)
+  scaled = lambda values, scale: lattice_lib.scaled_filter(lattice, values, scale)
+  np.testing.assert_array_equal(jax.jit(scaled)(values, scale), jax.jit(composed)(values, scale))
+  cotangent = jnp.asarray(rng.standard_normal((4000, 5)), jnp.float32)
+  expected = jax.vjp(composed, values, scale)[1](cotangent)
+  for got, want in zip(jax.vjp(scaled, values, scale)[1](cotangent), expected):
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("name, scale, pad, num_labels, params_name", [
     ("chelsea", 0.5, (0, 37), 2, "voc"),
     ("chelsea", 0.5, (21, 5), 2, "default"),

@@ -45,6 +45,28 @@ def _home_slot(keys: jnp.ndarray, log2_size: int) -> jnp.ndarray:
   return ((h * _GOLDEN) >> np.uint32(32 - log2_size)).astype(jnp.int32)
 
 
+# XLA's cumsum on CPU is a tree of reduce-windows, about 10 ms for a million flags; in blocks of this
+# many, a [B, B] triangular matmul per block and a short cumsum of the block totals take half that.
+_COUNT_BLOCK = 32
+
+
+def _running_count(flags: jnp.ndarray) -> jnp.ndarray:
+  """Inclusive running count of flags [E] bool (cumsum): [E] int32."""
+  num = flags.shape[0]
+  padded = -(-num // _COUNT_BLOCK) * _COUNT_BLOCK
+  blocks = jnp.pad(flags.astype(jnp.int32), (0, padded - num)).reshape(-1, _COUNT_BLOCK)
+  within = blocks @ jnp.asarray(np.triu(np.ones((_COUNT_BLOCK, _COUNT_BLOCK), np.int32)))
+  totals = within[:, -1]
+  return (within + (jnp.cumsum(totals) - totals)[:, None]).reshape(-1)[:num]
+
+
+def _first_flagged(flags: jnp.ndarray, size: int, fill_value: int) -> jnp.ndarray:
+  """jnp.nonzero(flags, size=size, fill_value=fill_value)[0]: the first `size` flagged indices. [size] int32."""
+  place = jnp.where(flags, _running_count(flags) - 1, size)
+  return jnp.full((size,), fill_value, jnp.int32).at[place].set(
+      jnp.arange(flags.shape[0], dtype=jnp.int32), mode="drop")
+
+
 def insert(keys: jnp.ndarray) -> HashTable:
   """Gives every distinct key a dense id.
 
@@ -83,7 +105,7 @@ def insert(keys: jnp.ndarray) -> HashTable:
 
   def compacted_round(state):
     owner, slot, done = state
-    pending = jnp.nonzero(~done, size=budget, fill_value=num_entries)[0]
+    pending = _first_flagged(~done, budget, num_entries)
     sub_state = (owner, pending, slot.at[pending].get(mode="fill", fill_value=0), pending >= num_entries)
     owner, _, sub_slot, _ = jax.lax.while_loop(unfinished, probe, sub_state)
     return (owner, slot.at[pending].set(sub_slot, mode="drop"), done.at[pending].set(True, mode="drop"))
@@ -92,7 +114,7 @@ def insert(keys: jnp.ndarray) -> HashTable:
   # Scatter-min made each slot's owner its key's first entry; number keys in that order.
   first_of_key = owner[slot]
   is_first = first_of_key == entry
-  first_id = jnp.cumsum(is_first, dtype=jnp.int32) - 1
+  first_id = _running_count(is_first) - 1
   first_entry = jnp.zeros((num_entries,), jnp.int32).at[
       jnp.where(is_first, first_id, num_entries)].set(entry, mode="drop")
   return HashTable(owner=owner, entry_id=first_id[first_of_key], first_entry=first_entry,
