@@ -9,7 +9,7 @@ import numpy as np
 
 from jaxseg.crf import grid as grid_lib
 from jaxseg.crf import lattice as lattice_lib
-from jaxseg.crf.lattice import Lattice, lattice_filter
+from jaxseg.crf.lattice import Lattice, lattice_filter, scaled_filter
 
 
 def gaussian_features(height: int, width: int, sxy: float) -> np.ndarray:
@@ -173,10 +173,11 @@ def mean_field(unary: jnp.ndarray, lattices, norms, weights, iterations: int) ->
     logits = -unary
     for lattice, norm, filtered_norm, weight in zip(lattices, norms, filtered_norms, weights):
       if two_labels:
-        filtered_fg = lattice_filter(lattice, norm * q[:, 1:])
+        # Materialised: fused into both halves of the concatenation, the slice's gathers ran twice.
+        filtered_fg = jax.lax.optimization_barrier(scaled_filter(lattice, q[:, 1:], norm))
         filtered = jnp.concatenate([filtered_norm - filtered_fg, filtered_fg], axis=-1)
       else:
-        filtered = lattice_filter(lattice, norm * q)
+        filtered = scaled_filter(lattice, q, norm)
       logits = logits + np.float32(weight) * norm * filtered
     return label_softmax(logits)
 

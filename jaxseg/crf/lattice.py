@@ -214,18 +214,19 @@ def build_lattice(features: jnp.ndarray, capacity: Optional[int] = None) -> Latt
   return lattice_at(points, capacity, capacity_ladder(capacity))
 
 
-def _splat(lattice: Lattice, values: jnp.ndarray, rows: int) -> jnp.ndarray:
-  """Segment sums of weighted values onto `rows` lattice rows, point by point as the reference adds them.
+def _splat(lattice: Lattice, values: jnp.ndarray, rows: int, scale: Optional[jnp.ndarray] = None) -> jnp.ndarray:
+  """Segment sums of weighted (scale * values) onto `rows` lattice rows, point by point as the reference adds them.
 
-  A chunk of points at a time: the [N, d+1, L] contributions never exist whole.
-  values: [N, L] -> [rows, L].
+  A chunk of points at a time: the [N, d+1, L] contributions never exist whole, nor does scale * values.
+  values: [N, L], scale: optional [N, 1] -> [rows, L].
   """
   num_inputs, num_values = values.shape
   chunk = min(_SPLAT_CHUNK, num_inputs)
 
   def add(grid, start, size):
     take = lambda x: jax.lax.dynamic_slice_in_dim(x, start, size)
-    contributions = take(lattice.weights)[:, :, None] * take(values)[:, None, :]  # [size, d+1, L]
+    chunk_values = take(values) if scale is None else take(scale) * take(values)
+    contributions = take(lattice.weights)[:, :, None] * chunk_values[:, None, :]  # [size, d+1, L]
     return grid.at[take(lattice.offsets).reshape(-1)].add(contributions.reshape(-1, num_values), mode="drop")
 
   full_chunks, tail = divmod(num_inputs, chunk)
@@ -234,8 +235,9 @@ def _splat(lattice: Lattice, values: jnp.ndarray, rows: int) -> jnp.ndarray:
   return add(grid, full_chunks * chunk, tail) if tail else grid
 
 
-def _filter_at(rung: int, lattice: Lattice, values: jnp.ndarray, reverse: bool) -> jnp.ndarray:
-  """Splat, blur, slice on the first `rung` lattice points. values: [N, L] -> [N, L]."""
+def _filter_at(rung: int, lattice: Lattice, values: jnp.ndarray, scale: Optional[jnp.ndarray] = None, *,
+               reverse: bool) -> jnp.ndarray:
+  """Splat (of scale * values), blur, slice on the first `rung` lattice points. values: [N, L] -> [N, L]."""
   num_inputs, num_values = values.shape
   dim = lattice.offsets.shape[-1] - 1
   neighbors = lattice.neighbors
@@ -243,7 +245,7 @@ def _filter_at(rung: int, lattice: Lattice, values: jnp.ndarray, reverse: bool) 
     neighbors = jnp.minimum(neighbors[:, :, :rung + 1], rung)
   if reverse:
     neighbors = neighbors[::-1]
-  grid = _splat(lattice, values, rung + 1)
+  grid = _splat(lattice, values, rung + 1, scale)
 
   # One scan step per direction: unrolled, XLA would fuse the steps and recompute.
   def blur(grid, pair):
@@ -259,9 +261,9 @@ def _filter_at(rung: int, lattice: Lattice, values: jnp.ndarray, reverse: bool) 
 
 def _make_filter(reverse: bool):
   """Filter at the smallest capacity rung that holds the lattice; NaN on overflow."""
-  def filt(lattice: Lattice, values: jnp.ndarray) -> jnp.ndarray:
-    branch = functools.partial(_filter_at, reverse=reverse)
-    out = on_rung(lattice.capacities, branch)(lattice.num_points, lattice, values)
+  def filt(lattice: Lattice, values: jnp.ndarray, scale: Optional[jnp.ndarray] = None) -> jnp.ndarray:
+    operands = (lattice, values) if scale is None else (lattice, values, scale)
+    out = on_rung(lattice.capacities, functools.partial(_filter_at, reverse=reverse))(lattice.num_points, *operands)
     overflow = lattice.num_points > lattice.capacity
     return jnp.where(overflow[..., None, None], jnp.nan, out)
   return filt
@@ -298,3 +300,26 @@ def _lattice_filter_bwd(lattice, cotangent):
 
 
 lattice_filter.defvjp(_lattice_filter_fwd, _lattice_filter_bwd)
+
+
+@jax.custom_vjp
+def scaled_filter(lattice: Lattice, values: jnp.ndarray, scale: jnp.ndarray) -> jnp.ndarray:
+  """lattice_filter(lattice, scale * values), bit for bit, without the [N, L] product in memory.
+
+  Args: lattice, values [N, L] float32 as lattice_filter; scale: [N, 1] float32 (e.g. a normalisation).
+  Returns: [N, L] float32.
+  """
+  return _forward_filter(lattice, values, scale)
+
+
+def _scaled_filter_fwd(lattice, values, scale):
+  return _forward_filter(lattice, values, scale), (lattice, values, scale)
+
+
+def _scaled_filter_bwd(residuals, cotangent):
+  lattice, values, scale = residuals
+  back = _reverse_filter(lattice, cotangent)
+  return None, scale * back, jnp.sum(values * back, axis=-1, keepdims=True)
+
+
+scaled_filter.defvjp(_scaled_filter_fwd, _scaled_filter_bwd)
