@@ -173,8 +173,7 @@ def mean_field(unary: jnp.ndarray, lattices, norms, weights, iterations: int) ->
     logits = -unary
     for lattice, norm, filtered_norm, weight in zip(lattices, norms, filtered_norms, weights):
       if two_labels:
-        # Materialised: fused into both halves of the concatenation, the slice's gathers ran twice.
-        filtered_fg = jax.lax.optimization_barrier(scaled_filter(lattice, q[:, 1:], norm))
+        filtered_fg = scaled_filter(lattice, q[:, 1:], norm)
         filtered = jnp.concatenate([filtered_norm - filtered_fg, filtered_fg], axis=-1)
       else:
         filtered = scaled_filter(lattice, q, norm)
