@@ -227,6 +227,19 @@ def test_peak_rss_does_not_grow_with_the_number_of_sizes():
   assert rss_many <= 1.15 * rss_few, (rss_many, rss_few)
 
 
+def test_a_dense_first_canvas_gets_a_bilateral_rung_near_its_headroom():
+  canvas = CRF.canvas_pixels
+  rungs = refine_lib.bilateral_rungs(canvas)
+  assert rungs[0] == 6 * canvas and all(a <= 2 * b + 1 for a, b in zip(rungs, rungs[1:])), rungs
+  program = ("test_dense_first_canvas", object())  # a key no stream uses
+  for per_pixel in (0.4, 0.8, 1.4):
+    gaussian, bilateral = refine_lib._capacities(
+        program, (refine_lib.gaussian_rungs(canvas, CRF.gaussian_sxy), rungs), (canvas, int(per_pixel * canvas)))
+    refine_lib._COMPILED.pop(program)
+    # x2 headroom, then the next rung at most 2x above: never the 6-per-pixel blur for these densities.
+    assert 2 * per_pixel * canvas <= bilateral <= 4 * per_pixel * canvas, (per_pixel, bilateral / canvas)
+
+
 def test_capacities_reuse_compiled_pairs_until_a_tight_one_pays(monkeypatch):
   monkeypatch.setattr(refine_lib, "_RECOMPILE_AFTER", 3)
   rungs, program = ((400, 200, 100), (800, 400, 200, 100)), ("test_capacities", object())  # a key no stream uses

@@ -62,9 +62,10 @@ IGNORE = 255
 # size compiles its programs once, and compiling is most of a small split's cost.
 PIXEL_BUCKETS = tuple(4096 << k for k in range(11))
 CANVAS_SLOTS = 32  # images per canvas at most (static per-image arrays)
-# Bilateral capacity rungs as fractions of the canvas, a factor 2 apart: photos need 0.1-1.35 points per
-# pixel at VOC's parameters, 0.01-0.12 at pydensecrf's defaults; 6 (= d+1) can never overflow.
-_BILATERAL_RUNG_FRACTIONS = (6.0, 1.5, 0.75, 0.375, 0.1875, 0.09375)
+# Bilateral capacity rungs as fractions of the canvas, a factor 2 apart (and 6 = d+1, which can never
+# overflow): photos need 0.1-1.35 points per pixel at VOC's parameters, 0.01-0.12 at pydensecrf's defaults.
+# Without 3, a first canvas of 0.75-1.5 (x2 headroom) ran every canvas's blur at 6 per pixel.
+_BILATERAL_RUNG_FRACTIONS = (6.0, 3.0, 1.5, 0.75, 0.375, 0.1875, 0.09375)
 # Gaussian capacity rungs as fractions of a full canvas's area term: the lattice of a W x H grid has
 # 2 / sqrt(3) points per unit area plus a perimeter term (inference.gaussian_capacity), so a full canvas of
 # images of sides >= ~10 sxy needs 1.0-1.5, a partly filled one less.
