@@ -133,7 +133,12 @@ def symmetric_norm(lattice: Lattice, valid: Optional[jnp.ndarray] = None) -> jnp
   """
   num_inputs = lattice.offsets.shape[0]
   ones = jnp.ones((num_inputs, 1), jnp.float32) if valid is None else valid.astype(jnp.float32)[:, None]
-  norm = jax.lax.rsqrt(lattice_filter(lattice, ones) + 1e-20)
+  return _norm_of(lattice_filter(lattice, ones), valid)
+
+
+def _norm_of(filtered_ones: jnp.ndarray, valid: Optional[jnp.ndarray]) -> jnp.ndarray:
+  """symmetric_norm from K 1 ([N, 1])."""
+  norm = jax.lax.rsqrt(filtered_ones + 1e-20)
   return norm if valid is None else jnp.where(valid[:, None], norm, 0.0)
 
 
@@ -152,35 +157,58 @@ def label_softmax(logits: jnp.ndarray) -> jnp.ndarray:
   return exps / functools.reduce(jnp.add, [exps[:, label] for label in range(num_labels)])[:, None]
 
 
-def mean_field(unary: jnp.ndarray, lattices, norms, weights, iterations: int) -> jnp.ndarray:
-  """Q = softmax(-U); then `iterations` times Q = softmax(-U + sum_k w_k n_k K_k(n_k Q)).
+def mean_field(unary: jnp.ndarray, lattices, weights, iterations: int,
+               valid: Optional[jnp.ndarray] = None) -> jnp.ndarray:
+  """Q = softmax(-U); then `iterations` times Q = softmax(-U + sum_k w_k n_k K_k(n_k Q)), n_k = symmetric_norm.
 
   With two labels each kernel filters one channel: K(n q0) = K(n) - K(n q1),
   K(n) filtered once (q0 + q1 = 1, so results move at the 1e-7 level only).
+  The norms and K(n) are then two more steps of the same loop, so that each
+  kernel's filter is compiled once (it is most of the program).
 
   Args:
     unary: [N, L] float32.
-    lattices, norms, weights: one per kernel (Lattice, [N, 1] float32, Potts weight).
+    lattices, weights: one per kernel (Lattice, Potts weight).
     iterations: static.
+    valid: optional [N] bool, as symmetric_norm's.
 
   Returns:
     Q: [N, L] float32.
   """
-  two_labels = unary.shape[-1] == 2
-  filtered_norms = [lattice_filter(lattice, norm) if two_labels else None for lattice, norm in zip(lattices, norms)]
+  q = label_softmax(-unary)
+  if not iterations:
+    return q
+  if unary.shape[-1] != 2:
+    norms = [symmetric_norm(lattice, valid) for lattice in lattices]
 
-  def step(_, q):
-    logits = -unary
+    def step(_, q):
+      logits = -unary
+      for lattice, norm, weight in zip(lattices, norms, weights):
+        logits = logits + np.float32(weight) * norm * scaled_filter(lattice, q, norm)
+      return label_softmax(logits)
+
+    return jax.lax.fori_loop(0, iterations, step, q)
+
+  num_inputs = unary.shape[0]
+  ones = jnp.ones((num_inputs, 1), jnp.float32) if valid is None else valid.astype(jnp.float32)[:, None]
+
+  def staged_step(i, state):
+    """Step 0 filters the valid pixels (-> the norms), step 1 the norms (-> K(n)), then mean field."""
+    q, norms, filtered_norms = state
+    logits, new_norms, new_filtered_norms = -unary, [], []
     for lattice, norm, filtered_norm, weight in zip(lattices, norms, filtered_norms, weights):
-      if two_labels:
-        filtered_fg = scaled_filter(lattice, q[:, 1:], norm)
-        filtered = jnp.concatenate([filtered_norm - filtered_fg, filtered_fg], axis=-1)
-      else:
-        filtered = scaled_filter(lattice, q, norm)
+      values = jnp.where(i == 0, ones, jnp.where(i == 1, norm, q[:, 1:]))
+      filtered_fg = scaled_filter(lattice, values, jnp.where(i >= 2, norm, 1.0))
+      norm = jnp.where(i == 0, _norm_of(filtered_fg, valid), norm)
+      filtered_norm = jnp.where(i == 1, filtered_fg, filtered_norm)
+      filtered = jnp.concatenate([filtered_norm - filtered_fg, filtered_fg], axis=-1)
       logits = logits + np.float32(weight) * norm * filtered
-    return label_softmax(logits)
+      new_norms.append(norm)
+      new_filtered_norms.append(filtered_norm)
+    return jnp.where(i >= 2, label_softmax(logits), q), new_norms, new_filtered_norms
 
-  return jax.lax.fori_loop(0, iterations, step, label_softmax(-unary))
+  zeros = [jnp.zeros((num_inputs, 1), jnp.float32)] * len(lattices)
+  return jax.lax.fori_loop(0, iterations + 2, staged_step, (q, zeros, zeros))[0]
 
 
 # Stand-in for infinite energies, so that no softmax sees inf - inf.
@@ -247,9 +275,8 @@ def _mean_field_at(kernels: _Kernels, rung: int, gaussian: Lattice, bilateral: l
                    valid: jnp.ndarray, energies: jnp.ndarray) -> jnp.ndarray:
   """Mean field with the bilateral lattice built at capacity `rung`. energies: [N, L] -> Q [N, L]."""
   bilateral = lattice_lib.lattice_at(bilateral, rung)
-  norms = (symmetric_norm(gaussian, valid), symmetric_norm(bilateral, valid))
-  return mean_field(energies, (gaussian, bilateral), norms, (kernels.gaussian_weight, kernels.bilateral_weight),
-                    kernels.iterations)
+  return mean_field(energies, (gaussian, bilateral), (kernels.gaussian_weight, kernels.bilateral_weight),
+                    kernels.iterations, valid)
 
 
 def _backward_at(kernels, rung, gaussian, bilateral, valid, energies, cotangent):
