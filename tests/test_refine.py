@@ -122,6 +122,22 @@ def test_batch_mixing_sizes_in_one_canvas_matches_pydensecrf_image_by_image(monk
     assert np.mean(results[item.key].mask == expected(item)[4]) >= 0.995
 
 
+@pytest.mark.parametrize("batch_size", [1, 3])
+def test_one_and_several_canvases_per_device_match_pydensecrf(monkeypatch, batch_size):
+  # batch_size 1: one row per device, refined directly; 3: rows mapped one by one, the padding row skipped.
+  crf = framework.CRFConfig(iterations=3, canvas_pixels=4096)
+  items = [make_item(i, size, seed=30 + i) for i, size in enumerate([(40, 50), (41, 48), (38, 52)])]
+  batches = packing_spy(monkeypatch)
+  results = dict(framework.refine_stream(items, crf, batch_size=batch_size))
+  assert sorted(map(sorted, sum(batches, []))) == [[0, 1], [2]]  # two canvases; with 3 rows, one padding row
+  for item in items:
+    masks = expected(item, crf)
+    got = results[item.key]
+    assert np.mean(got.mask == masks[4]) >= 0.995
+    np.testing.assert_array_equal(got.fg_pixels, [int(m.sum()) for m in masks[:4]] + [int(got.mask.sum())])
+    np.testing.assert_array_equal(got.counts, numpy_counts(masks[:4] + [got.mask], item.truth))
+
+
 def test_packed_images_refine_exactly_as_each_alone(monkeypatch):
   # Overlapping positions and colours (crops of one photo): only the lattices' image word keeps them apart.
   crf = framework.CRFConfig(iterations=3)

@@ -320,8 +320,10 @@ def _prepare_canvas(pixels, sizes, grids, truth, *, crf: CRFConfig):
 def _per_canvas(fn, mesh: jax.sharding.Mesh):
   """fn(*row) over the leading axis of batched arguments; each device runs its rows one by one (lax.map).
 
-  The second argument of every row is its image sizes [S, 2]; rows with no
-  image (batch padding) are skipped and give zeros. A sequential map compiles
+  The second argument of every row is its image sizes [S, 2]; with several
+  rows per device, rows with no image (batch padding) are skipped and give
+  zeros (with one, a padding row runs as an empty canvas; nothing reads its
+  outputs). A sequential map compiles
   the canvas's program once; vmapped, the lattice's while loops and scatters
   compiled 2-3x slower, and compiling is most of a split's refinement.
   """
@@ -331,9 +333,15 @@ def _per_canvas(fn, mesh: jax.sharding.Mesh):
     empty = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(fn, *row))
     return jax.lax.cond(jnp.any(row[1][:, 0] * row[1][:, 1] > 0), lambda row: fn(*row), lambda row: empty, row)
 
+  def rows(*args):
+    if args[1].shape[0] == 1:
+      # One row per device (as batch_size 1 on one device): no map, and no skip branch. Each of their
+      # output writes and zero fills is a kernel of its own, ~15 ms of compiling per output.
+      return jax.tree.map(lambda x: x[None], fn(*jax.tree.map(lambda x: x[0], args)))
+    return jax.lax.map(one, args)
+
   spec = jax.sharding.PartitionSpec(parallel.AXIS)
-  return jax.shard_map(lambda *args: jax.lax.map(one, args), mesh=mesh, in_specs=spec, out_specs=spec,
-                       check_vma=False)
+  return jax.shard_map(rows, mesh=mesh, in_specs=spec, out_specs=spec, check_vma=False)
 
 
 @functools.partial(jax.jit, static_argnames=("crf", "mesh"))
