@@ -62,10 +62,12 @@ IGNORE = 255
 # size compiles its programs once, and compiling is most of a small split's cost.
 PIXEL_BUCKETS = tuple(4096 << k for k in range(11))
 CANVAS_SLOTS = 32  # images per canvas at most (static per-image arrays)
-# Bilateral capacity rungs as fractions of the canvas, a factor 2 apart (and 6 = d+1, which can never
-# overflow): photos need 0.1-1.35 points per pixel at VOC's parameters, 0.01-0.12 at pydensecrf's defaults.
-# Without 3, a first canvas of 0.75-1.5 (x2 headroom) ran every canvas's blur at 6 per pixel.
-_BILATERAL_RUNG_FRACTIONS = (6.0, 3.0, 1.5, 0.75, 0.375, 0.1875, 0.09375)
+# Bilateral capacity rungs as fractions of the canvas, at most a factor 1.5 apart (and 6 = d+1, which can
+# never overflow): photos need 0.1-1.35 points per pixel at VOC's parameters (canvases of them 0.5-1.0),
+# 0.01-0.12 at pydensecrf's defaults. The blur's cost follows the rung: at 1.5 per pixel instead of 1.0 a
+# canvas's CRF took ~10% longer.
+_BILATERAL_RUNG_FRACTIONS = (6.0, 4.0, 3.0, 2.0, 1.5, 1.0, 0.75, 0.5, 0.375, 0.25, 0.1875, 0.125, 0.09375,
+                             0.0625, 0.046875, 0.03125)
 # Gaussian capacity rungs as fractions of a full canvas's area term: the lattice of a W x H grid has
 # 2 / sqrt(3) points per unit area plus a perimeter term (inference.gaussian_capacity), so a full canvas of
 # images of sides >= ~10 sxy needs 1.0-1.5, a partly filled one less.
@@ -78,9 +80,11 @@ _GAUSSIAN_MAX_PER_PIXEL = 3
 # canvas's ~0.3 s). So: reuse compiled pairs, and compile a canvas's own tight pair once that many canvases
 # have wanted it (ski rental: at most about twice the better of the two choices). A pair compiled because
 # no compiled one holds a canvas gets headroom (below), so that a split of a few dozen images compiles one.
+# Headroom is paid on every canvas, a miss once (a compile): canvases of VOC-like photos vary within +-30%
+# in bilateral points (0.55-0.97 per pixel) and +-10% in Gaussian ones (1.02-1.16).
 _RECOMPILE_AFTER = 16
-_BILATERAL_HEADROOM = 2.0
-_GAUSSIAN_HEADROOM = 1.25
+_BILATERAL_HEADROOM = 1.4
+_GAUSSIAN_HEADROOM = 1.15
 
 
 class RefineItem(NamedTuple):
