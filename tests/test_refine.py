@@ -103,7 +103,7 @@ def test_stream_of_many_sizes_matches_independent_computation_in_few_programs(mo
     np.testing.assert_array_equal(got.fg_pixels, [int(m.sum()) for m in masks[:4]] + [int(got.mask.sum())])
     np.testing.assert_array_equal(got.counts, numpy_counts(masks[:4] + [got.mask], item.truth))
   # The static bound, canvas sizes x (1 + Gaussian rungs x bilateral rungs), and what a split of fewer than
-  # _RECOMPILE_AFTER canvases compiles: one prepare and one CRF program per canvas size, far fewer than sizes.
+  # a few canvases compiles: one prepare and one CRF program per canvas size, far fewer than sizes.
   bound = sum(1 + len(refine_lib.bilateral_rungs(c)) * len(refine_lib.gaussian_rungs(c, CRF.gaussian_sxy))
               for c in canvases)
   assert compiled <= min(bound, 2 * len(canvases)) < len(sizes), (compiled, bound)
@@ -257,18 +257,23 @@ def test_a_dense_first_canvas_gets_a_bilateral_rung_near_its_headroom():
 
 
 def test_capacities_reuse_compiled_pairs_until_a_tight_one_pays(monkeypatch):
-  monkeypatch.setattr(refine_lib, "_RECOMPILE_AFTER", 3)
+  monkeypatch.setattr(refine_lib, "_RECOMPILE_EXCESS", 3.0)
   rungs, program = ((400, 200, 100), (800, 400, 200, 100)), ("test_capacities", object())  # a key no stream uses
   picks = [refine_lib._capacities(program, rungs, n) for n in
            [(90, 90), (90, 90), (150, 250), (90, 90), (90, 90), (300, 300), (90, 90)]]
   assert picks == [
       (200, 200),  # nothing compiled: headroom (x1.15, x1.4) over the tight (100, 100)
-      (200, 200),  # reused; (100, 100) wanted once
+      (200, 200),  # reused; (100, 100) wanted, 1 in excess (400 rows for 200)
       (200, 400),  # (200, 200) does not hold 250 bilateral points: compiled with headroom (173, 350)
-      (200, 200),  # the smaller of the two that hold it; (100, 100) wanted twice
-      (100, 100),  # wanted 3 times: compiled
+      (200, 200),  # the smaller of the two that hold it; (100, 100) wanted, 2 in excess
+      (100, 100),  # 3 in excess: compiled
       (400, 800),  # nothing holds it: headroom (345, 420)
       (100, 100),
   ], picks
   # A canvas past every rung gets the largest (it never overflows: the largest rungs are N (d+1)).
   assert refine_lib._capacities(program, rungs, (10 ** 6, 10 ** 6)) == (400, 800)
+  # A want weighs its excess rows: (100, 100) run at (200, 400) is 2 in excess, (200, 100) 1.
+  program = ("test_capacities_excess", object())
+  assert refine_lib._capacities(program, rungs, (90, 150)) == (200, 400)  # headroom (104, 210)
+  picks = [refine_lib._capacities(program, rungs, n) for n in [(90, 90), (150, 90), (90, 90), (150, 90), (150, 90)]]
+  assert picks == [(200, 400), (200, 400), (100, 100), (200, 400), (200, 100)], picks

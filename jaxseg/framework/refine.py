@@ -26,9 +26,10 @@ Per canvas size, two kinds of program:
 
 Compilations over a whole split are therefore bounded by canvas sizes x (1 +
 Gaussian rungs x bilateral rungs), whatever the number of distinct sizes, and
-are in practice about canvas sizes x (2 + canvases / _RECOMPILE_AFTER): a
-split of a few dozen VOC photos compiles 2 programs, a whole VOC split a few
-more, each of which saves more than it cost to compile. refine_programs()
+are in practice about canvas sizes x 2 plus one per tight pair that enough
+canvases wanted (_RECOMPILE_EXCESS): a split of a few dozen VOC photos
+compiles 2 programs, a whole VOC split a few more, each of which saves more
+than it cost to compile. refine_programs()
 reads the count off the jitted functions' caches. Nothing per size is kept, and
 packing wastes few pixels (a power-of-two pad per image cost ~1.5x).
 
@@ -75,14 +76,15 @@ _GAUSSIAN_AREA_FRACTIONS = (0.25, 0.5, 0.75, 0.875, 1.0, 1.0625, 1.125, 1.25, 1.
 # The largest Gaussian rung per canvas pixel. A canvas takes images while the sum of their lattice bounds
 # (_cells) stays within it, so no canvas overflows it.
 _GAUSSIAN_MAX_PER_PIXEL = 3
-# Every (Gaussian, bilateral) capacity pair compiles its own CRF program (~1 s on CPU), and a canvas runs at
-# any compiled pair that holds it, at the cost of a larger blur (running at 2x its points cost ~10-20% of a
-# canvas's ~0.3 s). So: reuse compiled pairs, and compile a canvas's own tight pair once that many canvases
-# have wanted it (ski rental: at most about twice the better of the two choices). A pair compiled because
-# no compiled one holds a canvas gets headroom (below), so that a split of a few dozen images compiles one.
+# Every (Gaussian, bilateral) capacity pair compiles its own CRF program (~1.3 s on CPU, about 3 canvases'
+# CRF), and a canvas runs at any compiled pair that holds it, at the cost of a larger blur: about half a
+# canvas's time follows its rows. So: reuse compiled pairs, and compile a canvas's own tight pair once the
+# canvases that wanted it ran, in all, _RECOMPILE_EXCESS times its rows in excess (rows run / tight rows - 1
+# summed; ski rental: at most about twice the better of the two choices). A pair compiled because no
+# compiled one holds a canvas gets headroom (below), so that a split of a few dozen images compiles one.
 # Headroom is paid on every canvas, a miss once (a compile): canvases of VOC-like photos vary within +-30%
 # in bilateral points (0.55-0.97 per pixel) and +-10% in Gaussian ones (1.02-1.16).
-_RECOMPILE_AFTER = 16
+_RECOMPILE_EXCESS = 6.0
 _BILATERAL_HEADROOM = 1.4
 _GAUSSIAN_HEADROOM = 1.15
 
@@ -254,19 +256,20 @@ def _fitting(rungs: tuple[int, ...], num_points: float) -> int:
   return min((r for r in rungs if r >= num_points), default=max(rungs))
 
 
-# Per (canvas, CRF, mesh): the capacity pairs compiled in this process, and how many canvases wanted each
-# pair not compiled yet (small ints, no arrays).
+# Per (canvas, CRF, mesh): the capacity pairs compiled in this process, and for each pair not compiled yet
+# the excess rows of the canvases that wanted it (floats, no arrays).
 _COMPILED: dict[tuple, set[tuple[int, int]]] = {}
-_WANTED: dict[tuple, dict[tuple[int, int], int]] = {}
+_WANTED: dict[tuple, dict[tuple[int, int], float]] = {}
 
 
 def _capacities(program: tuple, rungs: tuple[tuple[int, ...], tuple[int, ...]],
                 num_points: tuple[int, int]) -> tuple[int, int]:
   """The (Gaussian, bilateral) capacities a batch of `num_points` (its largest counts) runs at.
 
-  Its own tight pair if compiled; else the smallest compiled pair that holds it, until _RECOMPILE_AFTER
-  batches have wanted the tight pair (then that compiles); when no compiled pair holds it, a pair with
-  headroom compiles. The result does not depend on the choice: absent lattice points are zero rows.
+  Its own tight pair if compiled; else the smallest compiled pair that holds it, until the batches that
+  wanted the tight pair ran _RECOMPILE_EXCESS times its rows in excess (then that compiles); when no
+  compiled pair holds it, a pair with headroom compiles. The result does not depend on the choice: absent
+  lattice points are zero rows.
   """
   tight = tuple(_fitting(r, n) for r, n in zip(rungs, num_points))
   compiled, wanted = _COMPILED.setdefault(program, set()), _WANTED.setdefault(program, {})
@@ -274,9 +277,10 @@ def _capacities(program: tuple, rungs: tuple[tuple[int, ...], tuple[int, ...]],
   if tight in compiled:
     return tight
   if holding:
-    wanted[tight] = wanted.get(tight, 0) + 1
-    if wanted[tight] < _RECOMPILE_AFTER:
-      return min(holding, key=sum)
+    chosen = min(holding, key=sum)
+    wanted[tight] = wanted.get(tight, 0.0) + sum(chosen) / sum(tight) - 1.0
+    if wanted[tight] < _RECOMPILE_EXCESS:
+      return chosen
   else:
     headroom = (_GAUSSIAN_HEADROOM, _BILATERAL_HEADROOM)
     tight = tuple(_fitting(r, n * h) for r, n, h in zip(rungs, num_points, headroom))
