@@ -21,6 +21,24 @@ def best_time(fn, *, repeat: int = 3, warmup: int = 1) -> float:
   return min(times)
 
 
+def best_times(fns, *, repeat: int = 3, warmup: int = 1) -> list[float]:
+  """Best wall-clock seconds of each of fns over `repeat` rounds, after `warmup` rounds.
+
+  Each round calls the fns in turn, so that a slow spell of a shared machine falls on all of them alike
+  (timed one after the other, single rows moved by up to 30% between runs). Each fn must block.
+  """
+  for _ in range(warmup):
+    for fn in fns:
+      fn()
+  best = [float("inf")] * len(fns)
+  for _ in range(repeat):
+    for i, fn in enumerate(fns):
+      start = time.perf_counter()
+      fn()
+      best[i] = min(best[i], time.perf_counter() - start)
+  return best
+
+
 def row(name: str, jaxseg_s: float, ref_s: float, unit: str = "s", extra: str = "") -> str:
   """Formats one benchmark row: both timings and the ratio jaxseg / reference (< 1 is faster)."""
   line = f"{name:<44s} jaxseg {jaxseg_s:9.4f} {unit}  reference {ref_s:9.4f} {unit}  ratio {jaxseg_s / ref_s:6.3f}"
