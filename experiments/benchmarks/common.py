@@ -11,14 +11,7 @@ def best_time(fn, *, repeat: int = 3, warmup: int = 1) -> float:
 
   fn must block until its result is ready (e.g. call .block_until_ready()).
   """
-  for _ in range(warmup):
-    fn()
-  times = []
-  for _ in range(repeat):
-    start = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - start)
-  return min(times)
+  return best_times([fn], repeat=repeat, warmup=warmup)[0]
 
 
 def best_times(fns, *, repeat: int = 3, warmup: int = 1) -> list[float]:

@@ -131,9 +131,12 @@ def symmetric_norm(lattice: Lattice, valid: Optional[jnp.ndarray] = None) -> jnp
   valid: optional [N] bool, the points that count: the others splat nothing and get norm 0,
   so that they take no part in any later filter either.
   """
-  num_inputs = lattice.offsets.shape[0]
-  ones = jnp.ones((num_inputs, 1), jnp.float32) if valid is None else valid.astype(jnp.float32)[:, None]
-  return _norm_of(lattice_filter(lattice, ones), valid)
+  return _norm_of(lattice_filter(lattice, _valid_ones(lattice.offsets.shape[0], valid)), valid)
+
+
+def _valid_ones(num_inputs: int, valid: Optional[jnp.ndarray]) -> jnp.ndarray:
+  """[N, 1] float32: 1 on valid points, 0 elsewhere (all 1 when valid is None)."""
+  return jnp.ones((num_inputs, 1), jnp.float32) if valid is None else valid.astype(jnp.float32)[:, None]
 
 
 def _norm_of(filtered_ones: jnp.ndarray, valid: Optional[jnp.ndarray]) -> jnp.ndarray:
@@ -190,7 +193,7 @@ def mean_field(unary: jnp.ndarray, lattices, weights, iterations: int,
     return jax.lax.fori_loop(0, iterations, step, q)
 
   num_inputs = unary.shape[0]
-  ones = jnp.ones((num_inputs, 1), jnp.float32) if valid is None else valid.astype(jnp.float32)[:, None]
+  ones = _valid_ones(num_inputs, valid)
 
   def staged_step(i, state):
     """Step 0 filters the valid pixels (-> the norms), step 1 the norms (-> K(n)), then mean field."""

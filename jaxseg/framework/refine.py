@@ -331,9 +331,9 @@ def _per_canvas(fn, mesh: jax.sharding.Mesh):
   The second argument of every row is its image sizes [S, 2]; with several
   rows per device, rows with no image (batch padding) are skipped and give
   zeros (with one, a padding row runs as an empty canvas; nothing reads its
-  outputs). A sequential map compiles
-  the canvas's program once; vmapped, the lattice's while loops and scatters
-  compiled 2-3x slower, and compiling is most of a split's refinement.
+  outputs). A sequential map compiles the canvas's program once; vmapped, the
+  lattice's while loops and scatters compiled 2-3x slower, and compiling is
+  most of a split's refinement.
   """
   fn = jax.jit(fn)  # traced once: eval_shape's trace is cached for the branch below
 
