@@ -263,3 +263,20 @@ def test_missing_weights_offline_gives_one_clear_message(voc, tmp_path):
   assert "bilateral_srgb" not in out.stderr  # ... and not after a config dump
   assert "Traceback" not in out.stderr
   assert not any((workdir / "features").glob("*.npz"))
+
+
+@pytest.mark.parametrize("max_mb, max_bytes", [(5, 5 * 2**20), (-1, -1)])
+def test_xla_cache_flags_set_jax_cache_with_a_fifth_of_a_second_threshold(tmp_path, monkeypatch, max_mb, max_bytes):
+  """segment's --xla_cache_dir / --xla_cache_max_mb go through use_xla_cache. The threshold is below jax's 1 s
+  default, so the refinement programs (about 1 s each on 2 cores) are kept whatever the machine's load."""
+  from experiments.common import use_xla_cache
+  names = ("jax_compilation_cache_dir", "jax_compilation_cache_max_size", "jax_persistent_cache_min_compile_time_secs")
+  saved = {name: getattr(jax.config, name) for name in names}
+  monkeypatch.setenv("HOME", str(tmp_path))
+  try:
+    use_xla_cache("~/xla", max_mb)  # nothing compiles before the settings are restored
+    got = {name: getattr(jax.config, name) for name in names}
+  finally:
+    for name, value in saved.items():
+      jax.config.update(name, value)
+  assert got == {names[0]: str(tmp_path / "xla"), names[1]: max_bytes, names[2]: 0.2}

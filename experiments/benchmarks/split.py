@@ -82,14 +82,19 @@ _COMPILE_EVENTS = {"/jax/core/compile/backend_compile_duration": "compile",
                    "/jax/core/compile/jaxpr_to_mlir_module_duration": "trace"}
 
 
-def worker(kind: str, num_images: int = NUM_IMAGES, batch_size: int = 1, warm: bool = True) -> dict:
+def worker(kind: str, num_images: int = NUM_IMAGES, batch_size: int = 1, warm: bool = True,
+           cache_dir: str | None = None) -> dict:
   """Refines a split in this process (meant to be a fresh one), then (if warm) again: seconds (cold, of
-  which compile and trace+lowering, and warm or None), programs, peak RSS, fg pixels."""
+  which compile and trace+lowering, and warm or None), programs, peak RSS, fg pixels. With cache_dir, the
+  persistent XLA cache is on there, as segment's --xla_cache_dir sets it."""
   import resource
   import time
 
   import jax
+  from experiments.common import use_xla_cache
   from jaxseg import framework
+  if cache_dir is not None:
+    use_xla_cache(cache_dir, -1)
   spent = {"compile": 0.0, "trace": 0.0}
 
   def listen(event, seconds, **_):
@@ -114,15 +119,13 @@ def worker(kind: str, num_images: int = NUM_IMAGES, batch_size: int = 1, warm: b
 
 def spawn(kind: str, num_images: int = NUM_IMAGES, batch_size: int = 1, cache_dir: str | None = None,
           warm: bool = True) -> dict:
-  """worker() in a fresh subprocess with the persistent compilation cache off, or on in cache_dir (with
-  jax's default thresholds, as segment's --xla_cache_dir)."""
+  """worker() in a fresh subprocess with the persistent compilation cache off, or on in cache_dir (as
+  segment's --xla_cache_dir sets it)."""
   env = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_COMPILATION_CACHE", "JAX_PERSISTENT_CACHE"))}
   if cache_dir is None:
     env["JAX_ENABLE_COMPILATION_CACHE"] = "false"
-  else:
-    env["JAX_COMPILATION_CACHE_DIR"] = cache_dir
-  return run_worker(f"split.worker({kind!r}, {num_images}, {batch_size}, {warm})", f"split benchmark worker ({kind})",
-                    env)
+  return run_worker(f"split.worker({kind!r}, {num_images}, {batch_size}, {warm}, {cache_dir!r})",
+                    f"split benchmark worker ({kind})", env)
 
 
 def spawn_cached(kind: str, num_images: int = NUM_IMAGES) -> dict:
