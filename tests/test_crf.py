@@ -338,7 +338,7 @@ def test_hash_table_ids_follow_first_occurrence(num_entries, key_range):
   assert found[0] == -1 and (found[num_entries:] == -1).all()
 
 
-@pytest.mark.parametrize("length", [1, 31, 32, 33, 100_003])
+@pytest.mark.parametrize("length", [1, 31, 32, 33, 129, 4129, 100_003])
 def test_running_count_and_first_flagged_are_cumsum_and_nonzero(length):
   rng = np.random.default_rng(length)
   flags = rng.random(length) < 0.3

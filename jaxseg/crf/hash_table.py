@@ -45,19 +45,26 @@ def _home_slot(keys: jnp.ndarray, log2_size: int) -> jnp.ndarray:
   return ((h * _GOLDEN) >> np.uint32(32 - log2_size)).astype(jnp.int32)
 
 
-# XLA's cumsum on CPU is a tree of reduce-windows, about 10 ms for a million flags; in blocks of this
-# many, a [B, B] triangular matmul per block and a short cumsum of the block totals take half that.
+# XLA's cumsum on CPU is a tree of reduce-windows, about 10 ms for a million flags, each level a kernel to
+# compile; in blocks of this many, a [B, B] triangular matmul per block, then the same on the block totals
+# (down to one small matmul) take a third of that, and half the compiling.
 _COUNT_BLOCK = 32
 
 
+def _triangular_ones(size: int) -> jnp.ndarray:
+  return jnp.asarray(np.triu(np.ones((size, size), np.int32)))
+
+
 def _running_count(flags: jnp.ndarray) -> jnp.ndarray:
-  """Inclusive running count of flags [E] bool (cumsum): [E] int32."""
-  num = flags.shape[0]
+  """Inclusive running count of flags [E] bool or int32 (cumsum): [E] int32."""
+  values = flags.astype(jnp.int32)
+  num = values.shape[0]
+  if num <= 4 * _COUNT_BLOCK:
+    return values @ _triangular_ones(num)
   padded = -(-num // _COUNT_BLOCK) * _COUNT_BLOCK
-  blocks = jnp.pad(flags.astype(jnp.int32), (0, padded - num)).reshape(-1, _COUNT_BLOCK)
-  within = blocks @ jnp.asarray(np.triu(np.ones((_COUNT_BLOCK, _COUNT_BLOCK), np.int32)))
+  within = jnp.pad(values, (0, padded - num)).reshape(-1, _COUNT_BLOCK) @ _triangular_ones(_COUNT_BLOCK)
   totals = within[:, -1]
-  return (within + (jnp.cumsum(totals) - totals)[:, None]).reshape(-1)[:num]
+  return (within + (_running_count(totals) - totals)[:, None]).reshape(-1)[:num]
 
 
 def _first_flagged(flags: jnp.ndarray, size: int, fill_value: int) -> jnp.ndarray:
