@@ -125,7 +125,7 @@ def insert(keys: jnp.ndarray) -> HashTable:
   first_entry = jnp.zeros((num_entries,), jnp.int32).at[
       jnp.where(is_first, first_id, num_entries)].set(entry, mode="drop")
   return HashTable(owner=owner, entry_id=first_id[first_of_key], first_entry=first_entry,
-                   num_unique=jnp.sum(is_first, dtype=jnp.int32))
+                   num_unique=first_id[-1] + 1)  # the last running count: no second pass over E
 
 
 def lookup(table: HashTable, keys: jnp.ndarray, queries: jnp.ndarray, valid: jnp.ndarray) -> jnp.ndarray:
