@@ -6,6 +6,10 @@ A user error (bad config value, bad data or weights file, a workdir in use by an
 with one line `error: ...` and exit status 2; --verbosity=1 also prints its traceback.
 """
 
+if __name__ == "__main__":  # before the imports below: glibc reads its malloc tunables only at process start
+  from experiments import hugepages
+  hugepages.reexec_with_huge_pages()
+
 import pathlib
 
 from absl import app

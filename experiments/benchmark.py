@@ -4,8 +4,13 @@ r"""Benchmarks: jaxseg against the reference implementations, in one run.
 
 Each benchmark lives in experiments/benchmarks/<name>.py with a `run()` that
 prints its rows (jaxseg, reference, ratio). Timings use wall clock after a
-warm-up; the reference runs in the same process with the same thread count.
+warm-up; the reference runs in the same process with the same thread count (and the same
+malloc: experiments/hugepages.py).
 """
+
+if __name__ == "__main__":  # before the imports below: glibc reads its malloc tunables only at process start
+  from experiments import hugepages
+  hugepages.reexec_with_huge_pages()
 
 import importlib
 
