@@ -342,7 +342,7 @@ def test_hash_table_ids_follow_first_occurrence(num_entries, key_range):
 def test_running_count_and_first_flagged_are_cumsum_and_nonzero(length):
   rng = np.random.default_rng(length)
   flags = rng.random(length) < 0.3
-  np.testing.assert_array_equal(jax.jit(hash_table._running_count)(jnp.asarray(flags)), np.cumsum(flags))
+  np.testing.assert_array_equal(jax.jit(hash_table.running_count)(jnp.asarray(flags)), np.cumsum(flags))
   flagged = np.flatnonzero(flags)
   for size in (1, max(1, len(flagged) // 2), len(flagged) + 7):
     expected = np.full(size, -5)

@@ -32,6 +32,16 @@ class HashTable(NamedTuple):
   num_unique: jnp.ndarray
 
 
+# Every index into the table, the keys and the lattice is non-negative: without jnp's wrap-around of negative
+# indices (a select per index, which XLA hoists out of loops as a kernel of its own, ~10 ms of compiling each).
+NONNEGATIVE = dict(wrap_negative_indices=False)
+
+
+def take(x: jnp.ndarray, index: jnp.ndarray, mode: str = "promise_in_bounds", **kwargs) -> jnp.ndarray:
+  """x[index] for a non-negative index (mode as jnp's .at[].get; XLA clamps out-of-range gathers)."""
+  return x.at[index].get(mode=mode, **kwargs, **NONNEGATIVE)
+
+
 def table_size(num_entries: int) -> int:
   """Power of two at least twice the number of entries: load factor <= 1/2."""
   return 1 << max(4, int(np.ceil(np.log2(2 * num_entries + 1))))
@@ -55,8 +65,8 @@ def _triangular_ones(size: int) -> jnp.ndarray:
   return jnp.asarray(np.triu(np.ones((size, size), np.int32)))
 
 
-def _running_count(flags: jnp.ndarray) -> jnp.ndarray:
-  """Inclusive running count of flags [E] bool or int32 (cumsum): [E] int32."""
+def running_count(flags: jnp.ndarray) -> jnp.ndarray:
+  """Inclusive running count of flags [E] bool, or running sum of int32 counts (jnp.cumsum): [E] int32."""
   values = flags.astype(jnp.int32)
   num = values.shape[0]
   if num <= 4 * _COUNT_BLOCK:
@@ -64,14 +74,14 @@ def _running_count(flags: jnp.ndarray) -> jnp.ndarray:
   padded = -(-num // _COUNT_BLOCK) * _COUNT_BLOCK
   within = jnp.pad(values, (0, padded - num)).reshape(-1, _COUNT_BLOCK) @ _triangular_ones(_COUNT_BLOCK)
   totals = within[:, -1]
-  return (within + (_running_count(totals) - totals)[:, None]).reshape(-1)[:num]
+  return (within + (running_count(totals) - totals)[:, None]).reshape(-1)[:num]
 
 
 def _first_flagged(flags: jnp.ndarray, size: int, fill_value: int) -> jnp.ndarray:
   """jnp.nonzero(flags, size=size, fill_value=fill_value)[0]: the first `size` flagged indices. [size] int32."""
-  place = jnp.where(flags, _running_count(flags) - 1, size)
+  place = jnp.where(flags, running_count(flags) - 1, size)
   return jnp.full((size,), fill_value, jnp.int32).at[place].set(
-      jnp.arange(flags.shape[0], dtype=jnp.int32), mode="drop")
+      jnp.arange(flags.shape[0], dtype=jnp.int32), mode="drop", **NONNEGATIVE)
 
 
 def insert(keys: jnp.ndarray) -> HashTable:
@@ -93,12 +103,12 @@ def insert(keys: jnp.ndarray) -> HashTable:
   def probe(state):
     """One linear-probing step for the lanes (entry ids) not yet done."""
     owner, entry, slot, done = state
-    empty = owner[slot] == num_entries
+    empty = take(owner, slot) == num_entries
     claim = jnp.where(done | ~empty, size, slot)
-    owner = owner.at[claim].min(entry, mode="drop")
-    winner = owner[slot]
-    lane_keys = keys.at[entry].get(mode="clip")
-    done = done | jnp.all(keys.at[winner].get(mode="clip") == lane_keys, axis=-1)
+    owner = owner.at[claim].min(entry, mode="drop", **NONNEGATIVE)
+    winner = take(owner, slot)
+    lane_keys = take(keys, entry, "clip")
+    done = done | jnp.all(take(keys, winner, "clip") == lane_keys, axis=-1)
     slot = jnp.where(done, slot, (slot + 1) & (size - 1))
     return owner, entry, slot, done
 
@@ -113,18 +123,19 @@ def insert(keys: jnp.ndarray) -> HashTable:
   def compacted_round(state):
     owner, slot, done = state
     pending = _first_flagged(~done, budget, num_entries)
-    sub_state = (owner, pending, slot.at[pending].get(mode="fill", fill_value=0), pending >= num_entries)
+    sub_state = (owner, pending, take(slot, pending, "fill", fill_value=0), pending >= num_entries)
     owner, _, sub_slot, _ = jax.lax.while_loop(unfinished, probe, sub_state)
-    return (owner, slot.at[pending].set(sub_slot, mode="drop"), done.at[pending].set(True, mode="drop"))
+    return (owner, slot.at[pending].set(sub_slot, mode="drop", **NONNEGATIVE),
+            done.at[pending].set(True, mode="drop", **NONNEGATIVE))
 
   owner, slot, _ = jax.lax.while_loop(lambda state: ~jnp.all(state[2]), compacted_round, (owner, slot, done))
   # Scatter-min made each slot's owner its key's first entry; number keys in that order.
-  first_of_key = owner[slot]
+  first_of_key = take(owner, slot)
   is_first = first_of_key == entry
-  first_id = _running_count(is_first) - 1
+  first_id = running_count(is_first) - 1
   first_entry = jnp.zeros((num_entries,), jnp.int32).at[
-      jnp.where(is_first, first_id, num_entries)].set(entry, mode="drop")
-  return HashTable(owner=owner, entry_id=first_id[first_of_key], first_entry=first_entry,
+      jnp.where(is_first, first_id, num_entries)].set(entry, mode="drop", **NONNEGATIVE)
+  return HashTable(owner=owner, entry_id=take(first_id, first_of_key), first_entry=first_entry,
                    num_unique=first_id[-1] + 1)  # the last running count: no second pass over E
 
 
@@ -149,10 +160,10 @@ def lookup(table: HashTable, keys: jnp.ndarray, queries: jnp.ndarray, valid: jnp
 
   def probe(state):
     slot, done, found = state
-    current = table.owner[slot]
+    current = take(table.owner, slot)
     empty = current == num_entries
-    match = ~empty & jnp.all(keys.at[current].get(mode="clip") == queries, axis=-1)
-    found = jnp.where(~done & match, table.entry_id[jnp.minimum(current, num_entries - 1)], found)
+    match = ~empty & jnp.all(take(keys, current, "clip") == queries, axis=-1)
+    found = jnp.where(~done & match, take(table.entry_id, jnp.minimum(current, num_entries - 1)), found)
     done = done | empty | match
     slot = jnp.where(done, slot, (slot + 1) & (size - 1))
     return slot, done, found

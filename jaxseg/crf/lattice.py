@@ -147,7 +147,7 @@ def _find_neighbors(keys: jnp.ndarray, table: hash_table.HashTable, capacity: in
     # The last chunk is moved back to fit; rows it repeats get the same values again.
     start = jnp.minimum(i * chunk, rows - chunk)
     point = start + jnp.arange(chunk, dtype=jnp.int32)
-    own = keys.at[table.first_entry.at[point].get(mode="clip")].get(mode="clip")
+    own = hash_table.take(keys, hash_table.take(table.first_entry, point, "clip"), "clip")
     queries = own[:, None, :] + steps  # [chunk, d+1, W]
     in_use = jnp.broadcast_to((point < num_points)[:, None], queries.shape[:-1])
     hit = hash_table.lookup(table, keys, queries.reshape(-1, keys.shape[1]), in_use.reshape(-1))
@@ -156,7 +156,8 @@ def _find_neighbors(keys: jnp.ndarray, table: hash_table.HashTable, capacity: in
     neighbors = jax.lax.dynamic_update_slice(neighbors, hit[:, None, :], (0, 1, start))
     # b is a's +1 neighbour exactly when a is b's -1 neighbour; absent ones are dropped.
     minus_rows = jnp.where(hit < capacity, hit, rows)
-    return jax.vmap(lambda table_j, h: table_j.at[0, h].set(point, mode="drop"))(neighbors, minus_rows)
+    return jax.vmap(lambda table_j, h: table_j.at[0, h].set(point, mode="drop", **hash_table.NONNEGATIVE))(
+        neighbors, minus_rows)
 
   num_chunks = (num_points + chunk - 1) // chunk
   return jax.lax.fori_loop(0, num_chunks, search, jnp.full((dim + 1, 2, rows), capacity, jnp.int32))
@@ -228,7 +229,8 @@ def _splat(lattice: Lattice, values: jnp.ndarray, rows: int, scale: Optional[jnp
     take = lambda x: jax.lax.dynamic_slice_in_dim(x, start, size)
     chunk_values = take(values) if scale is None else take(scale) * take(values)
     contributions = take(lattice.weights)[:, :, None] * chunk_values[:, None, :]  # [size, d+1, L]
-    return grid.at[take(lattice.offsets).reshape(-1)].add(contributions.reshape(-1, num_values), mode="drop")
+    return grid.at[take(lattice.offsets).reshape(-1)].add(contributions.reshape(-1, num_values), mode="drop",
+                                                          **hash_table.NONNEGATIVE)
 
   grid = jnp.zeros((rows, num_values), jnp.float32)
   if num_values == 1:
@@ -253,13 +255,20 @@ def _filter_at(rung: int, lattice: Lattice, values: jnp.ndarray, scale: Optional
 
   # One scan step per direction: unrolled, XLA would fuse the steps and recompute.
   def blur(grid, pair):
-    return grid + 0.5 * (grid[pair[0]] + grid[pair[1]]), None
+    return grid + 0.5 * (hash_table.take(grid, pair[0]) + hash_table.take(grid, pair[1])), None
 
   grid, _ = jax.lax.scan(blur, grid, neighbors)
   alpha = np.float32(1.0 / (1.0 + 2.0 ** -dim))
   out = jnp.zeros((num_inputs, num_values), jnp.float32)
+  if num_values == 1:
+    # One gather of all vertices: per vertex, its column of offsets was a loop-invariant kernel of its own.
+    # With more channels the [N, d+1, L] gather was no faster (L=21).
+    vertex_values = hash_table.take(grid, lattice.offsets)  # [N, d+1, 1]
+    for r in range(dim + 1):
+      out = out + (lattice.weights[:, r:r + 1] * alpha) * vertex_values[:, r]
+    return out
   for r in range(dim + 1):
-    out = out + (lattice.weights[:, r:r + 1] * alpha) * grid[lattice.offsets[:, r]]
+    out = out + (lattice.weights[:, r:r + 1] * alpha) * hash_table.take(grid, lattice.offsets[:, r])
   return out
 
 
