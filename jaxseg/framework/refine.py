@@ -183,8 +183,9 @@ def _layout(sizes: jax.Array, num_pixels: int) -> _Layout:
   slot = jnp.searchsorted(ends, index, side="right", method="compare_all").astype(jnp.int32)
   valid = slot < sizes.shape[0]
   slot = jnp.where(valid, slot, 0)
-  local = index - (ends - areas)[slot]
-  height, width = jnp.maximum(sizes[slot, 0], 1), jnp.maximum(sizes[slot, 1], 1)
+  # One gather of each pixel's image (first pixel, H, W), not three: each was a kernel to compile.
+  start, height, width = hash_table.take(jnp.stack([ends - areas, *jnp.maximum(sizes, 1).T], axis=-1), slot).T
+  local = index - start
   return _Layout(slot, local // width, local % width, height, width, valid)
 
 
