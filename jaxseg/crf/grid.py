@@ -79,7 +79,7 @@ def grid_points(features: jnp.ndarray, segment: Optional[jnp.ndarray] = None, nu
   rows = jnp.where(present, c_high - c_low + 1, 0)
   cols = jnp.where(present, col_high - col_low + 1, 0)
   sizes = rows * cols
-  base = hash_table.running_count(sizes) - sizes  # a cumsum was a tree of ~5 reduce-window kernels
+  base = hash_table.running_count(sizes) - sizes  # one small matmul: jnp.cumsum compiled more kernels
   cells = base[segment] + (c - c_low[segment]) * cols[segment] + (col - col_low[segment])
   return GridPoints(offsets=cells.T, weights=simplices.weights, low=jnp.stack([c_low, col_low], -1),
                     shape=jnp.stack([rows, cols], -1), base=base, num_cells=jnp.sum(sizes))

@@ -264,11 +264,11 @@ def _filter_at(rung: int, lattice: Lattice, values: jnp.ndarray, scale: Optional
     # One gather of all vertices: per vertex, its column of offsets was a loop-invariant kernel of its own.
     # With more channels the [N, d+1, L] gather was no faster (L=21).
     vertex_values = hash_table.take(grid, lattice.offsets)  # [N, d+1, 1]
-    for r in range(dim + 1):
-      out = out + (lattice.weights[:, r:r + 1] * alpha) * vertex_values[:, r]
-    return out
+    vertex = lambda r: vertex_values[:, r]
+  else:
+    vertex = lambda r: hash_table.take(grid, lattice.offsets[:, r])
   for r in range(dim + 1):
-    out = out + (lattice.weights[:, r:r + 1] * alpha) * hash_table.take(grid, lattice.offsets[:, r])
+    out = out + (lattice.weights[:, r:r + 1] * alpha) * vertex(r)
   return out
 
 

@@ -177,7 +177,7 @@ class _Layout(NamedTuple):
 def _layout(sizes: jax.Array, num_pixels: int) -> _Layout:
   """Images of sizes [S, 2] (H, W; zeros for empty slots) packed row-major one after the other into N pixels."""
   areas = sizes[:, 0] * sizes[:, 1]
-  ends = hash_table.running_count(areas)  # jnp.cumsum: a tree of ~5 reduce-window kernels to compile
+  ends = hash_table.running_count(areas)  # one small matmul: jnp.cumsum compiled more kernels
   index = jnp.arange(num_pixels, dtype=jnp.int32)
   # Against all CANVAS_SLOTS ends at once: faster than the default binary search's loop, and no loop to compile.
   slot = jnp.searchsorted(ends, index, side="right", method="compare_all").astype(jnp.int32)
