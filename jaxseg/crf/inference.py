@@ -194,24 +194,43 @@ def mean_field(unary: jnp.ndarray, lattices, weights, iterations: int,
 
   num_inputs = unary.shape[0]
   ones = _valid_ones(num_inputs, valid)
+  negated = [-unary[:, :1], -unary[:, 1:]]
 
   def staged_step(i, state):
-    """Step 0 filters the valid pixels (-> the norms), step 1 the norms (-> K(n)), then mean field."""
-    q, norms, filtered_norms = state
-    logits, new_norms, new_filtered_norms = -unary, [], []
+    """Step 0 filters the valid pixels (-> the norms), step 1 the norms (-> K(n)), then mean field.
+
+    Labels are [N, 1] columns, and the state is d = logit1 - logit0 (all that Q depends on) and q1:
+    [N, 2] arrays (a concatenation per kernel, a softmax over a minor axis of 2) took 5-8% longer.
+    """
+    (difference, q1), norms, filtered_norms = state
+    (logit0, logit1), new_norms, new_filtered_norms = negated, [], []
     for lattice, norm, filtered_norm, weight in zip(lattices, norms, filtered_norms, weights):
-      values = jnp.where(i == 0, ones, jnp.where(i == 1, norm, q[:, 1:]))
+      values = jnp.where(i == 0, ones, jnp.where(i == 1, norm, q1))
       filtered_fg = scaled_filter(lattice, values, jnp.where(i >= 2, norm, 1.0))
       norm = jnp.where(i == 0, _norm_of(filtered_fg, valid), norm)
       filtered_norm = jnp.where(i == 1, filtered_fg, filtered_norm)
-      filtered = jnp.concatenate([filtered_norm - filtered_fg, filtered_fg], axis=-1)
-      logits = logits + np.float32(weight) * norm * filtered
+      message = np.float32(weight) * norm
+      logit0 = logit0 + message * (filtered_norm - filtered_fg)
+      logit1 = logit1 + message * filtered_fg
       new_norms.append(norm)
       new_filtered_norms.append(filtered_norm)
-    return jnp.where(i >= 2, label_softmax(logits), q), new_norms, new_filtered_norms
+    difference = jnp.where(i >= 2, logit1 - logit0, difference)
+    return (difference, _two_label_softmax(difference)[1]), new_norms, new_filtered_norms
 
   zeros = [jnp.zeros((num_inputs, 1), jnp.float32)] * len(lattices)
-  return jax.lax.fori_loop(0, iterations + 2, staged_step, (q, zeros, zeros))[0]
+  (difference, _), _, _ = jax.lax.fori_loop(0, iterations + 2, staged_step,
+                                            ((negated[1] - negated[0], q[:, 1:]), zeros, zeros))
+  return jnp.concatenate(_two_label_softmax(difference), axis=-1)
+
+
+def _two_label_softmax(difference: jnp.ndarray):
+  """(q0, q1) = label_softmax([logit0, logit1]) from difference = logit1 - logit0 [N, 1] (each [N, 1]):
+  the larger logit's exp is exp(0) = 1, the other's exp(-|d|), each divided by their sum (to 1 ulp)."""
+  other = jnp.exp(-jnp.abs(difference))
+  total = 1.0 + other
+  larger, smaller = 1.0 / total, other / total
+  ahead = difference >= 0
+  return jnp.where(ahead, smaller, larger), jnp.where(ahead, larger, smaller)
 
 
 # Stand-in for infinite energies, so that no softmax sees inf - inf.
