@@ -178,9 +178,8 @@ def mean_field(unary: jnp.ndarray, lattices, weights, iterations: int,
   Returns:
     Q: [N, L] float32.
   """
-  q = label_softmax(-unary)
   if not iterations:
-    return q
+    return label_softmax(-unary)
   if unary.shape[-1] != 2:
     norms = [symmetric_norm(lattice, valid) for lattice in lattices]
 
@@ -190,7 +189,7 @@ def mean_field(unary: jnp.ndarray, lattices, weights, iterations: int,
         logits = logits + np.float32(weight) * norm * scaled_filter(lattice, q, norm)
       return label_softmax(logits)
 
-    return jax.lax.fori_loop(0, iterations, step, q)
+    return jax.lax.fori_loop(0, iterations, step, label_softmax(-unary))
 
   num_inputs = unary.shape[0]
   ones = _valid_ones(num_inputs, valid)
@@ -218,8 +217,9 @@ def mean_field(unary: jnp.ndarray, lattices, weights, iterations: int,
     return (difference, _two_label_softmax(difference)[1]), new_norms, new_filtered_norms
 
   zeros = [jnp.zeros((num_inputs, 1), jnp.float32)] * len(lattices)
+  # q1 is first read at step 2; step 0 sets it from the initial difference, softmax(-U).
   (difference, _), _, _ = jax.lax.fori_loop(0, iterations + 2, staged_step,
-                                            ((negated[1] - negated[0], q[:, 1:]), zeros, zeros))
+                                            ((negated[1] - negated[0], zeros[0]), zeros, zeros))
   return jnp.concatenate(_two_label_softmax(difference), axis=-1)
 
 
