@@ -118,6 +118,7 @@ def _compare(out: models.ViTOutput, ref, captured, first_patch: int, hw: tuple[i
   for index in return_blocks:
     errors[f"block{index}"] = np.abs(out.blocks[index]["tokens"] - grid(ref.hidden_states[index + 1].numpy())).max()
   assert max(errors.values()) <= TOL, errors
+  return errors
 
 
 def _dinov2_cfg(hc, **overrides) -> models.ViTConfig:

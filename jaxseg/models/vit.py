@@ -1,10 +1,12 @@
-"""DINO / DINOv2 Vision Transformer forward pass on plain parameter pytrees.
+"""DINO / DINOv2 / DINOv3 Vision Transformer forward pass on plain parameter pytrees.
 
 Parameters (see `init_params` for shapes) are a nested dict of arrays; block weights are
 stacked along a leading depth axis so a checkpoint is a handful of arrays. The forward pass
 computes exactly what the facebookresearch and transformers models compute: pre-norm blocks,
-LayerNorm eps 1e-6, exact-erf GELU or SwiGLU, optional layerscale, CLS then registers then
-patches, position embeddings added before the registers are inserted.
+LayerNorm (eps from the config), exact-erf GELU or SwiGLU, optional layerscale, CLS then
+registers then patches. Positions are either learned embeddings added before the registers are
+inserted (DINO, DINOv2) or, for DINOv3, an axial rotary embedding (RoPE) applied to the patch
+tokens' queries and keys in every block, never to CLS or the registers.
 """
 
 import functools
@@ -75,17 +77,53 @@ def _attend(q: jax.Array, k: jax.Array, v: jax.Array, key_bias: jax.Array | None
   return jnp.einsum("hqk,khd->qhd", probs, v)
 
 
-def _attention(x: jax.Array, attn: Params, cfg: ViTConfig, key_bias: jax.Array | None, dtype):
-  """Multi-head self-attention. x: [B, N, D]; key_bias: [B, N] additive logit bias or None.
+def rope_sincos(periods: jax.Array, grid_hw: tuple[int, int]) -> tuple[jax.Array, jax.Array]:
+  """DINOv3's axial RoPE for an h x w patch grid (eval mode: no shift, jitter or rescale).
+
+  Patch centres are normalised per axis to [-1, 1] (so non-square grids work); angle
+  2 pi * coordinate / period, the y frequencies then the x ones, the whole repeated for the
+  rotate-half pairing.
+
+  Args:
+    periods: [head_dim // 4] float32 periods (as stored in Meta's checkpoints, see param_shapes).
+    grid_hw: (h, w), static.
 
   Returns:
-    (out [B, N, D], (q, k, v) each [B, N, D]).
+    (sin, cos), each [h * w, head_dim] float32, patches in row-major order.
+  """
+  h, w = grid_hw
+  centre = lambda n: (jnp.arange(n, dtype=jnp.float32) + 0.5) / n * 2.0 - 1.0
+  coords = jnp.stack(jnp.meshgrid(centre(h), centre(w), indexing="ij"), axis=-1).reshape(h * w, 2)
+  angles = 2.0 * jnp.pi * coords[:, :, None] / periods.astype(jnp.float32)  # [hw, 2, head_dim // 4]
+  angles = jnp.tile(angles.reshape(h * w, -1), 2)
+  return jnp.sin(angles), jnp.cos(angles)
+
+
+def _rope_rotate(t: jax.Array, rope: tuple[jax.Array, jax.Array], first_patch: int) -> jax.Array:
+  """t * cos + rotate_half(t) * sin on the patch tokens only. t: [B, N, heads, head_dim]; float32 math."""
+  sin, cos = (a[:, None, :] for a in rope)
+  prefix, patches = t[:, :first_patch], t[:, first_patch:].astype(jnp.float32)
+  first, second = jnp.split(patches, 2, axis=-1)
+  rotated = patches * cos + jnp.concatenate([-second, first], axis=-1) * sin
+  return jnp.concatenate([prefix, rotated.astype(t.dtype)], axis=1)
+
+
+def _attention(x: jax.Array, attn: Params, cfg: ViTConfig, key_bias: jax.Array | None, rope, dtype):
+  """Multi-head self-attention. x: [B, N, D]; key_bias: [B, N] additive logit bias or None;
+  rope: (sin, cos) of the patch tokens (see rope_sincos) or None.
+
+  Returns:
+    (out [B, N, D], (q, k, v) each [B, N, D], before RoPE).
   """
   batch, tokens, _ = x.shape
   qkv = _dense(x, attn["qkv"], dtype)
   q, k, v = jnp.split(qkv, 3, axis=-1)
   heads = lambda t: t.reshape(batch, tokens, cfg.num_heads, cfg.head_dim)
-  operands = (heads(q) * jnp.asarray(cfg.head_dim ** -0.5, dtype), heads(k), heads(v), key_bias)
+  q_heads, k_heads = heads(q), heads(k)
+  if rope is not None:
+    first_patch = 1 + cfg.num_registers
+    q_heads, k_heads = _rope_rotate(q_heads, rope, first_patch), _rope_rotate(k_heads, rope, first_patch)
+  operands = (q_heads * jnp.asarray(cfg.head_dim ** -0.5, dtype), k_heads, heads(v), key_bias)
   if jax.default_backend() == "cpu":
     # One image at a time keeps the [heads, N, N] logits in cache: ~3x faster than batched on CPU.
     out = jax.lax.map(lambda args: _attend(*args, dtype), operands)
@@ -94,9 +132,10 @@ def _attention(x: jax.Array, attn: Params, cfg: ViTConfig, key_bias: jax.Array |
   return _dense(out.reshape(batch, tokens, cfg.dim), attn["proj"], dtype), (q, k, v)
 
 
-def _block(x: jax.Array, block: Params, cfg: ViTConfig, key_bias: jax.Array | None, dtype):
+def _block(x: jax.Array, block: Params, cfg: ViTConfig, key_bias: jax.Array | None, rope, dtype):
   """One pre-norm transformer block on the float32 residual stream x: [B, N, D]."""
-  attn_out, qkv = _attention(layer_norm(x, block["norm1"], cfg.layer_norm_eps), block["attn"], cfg, key_bias, dtype)
+  attn_out, qkv = _attention(layer_norm(x, block["norm1"], cfg.layer_norm_eps), block["attn"], cfg, key_bias,
+                             rope, dtype)
   if cfg.layerscale:
     attn_out = attn_out * block["ls1"].astype(dtype)
   x = x + attn_out.astype(jnp.float32)
@@ -107,7 +146,7 @@ def _block(x: jax.Array, block: Params, cfg: ViTConfig, key_bias: jax.Array | No
 
 
 def embed(params: Params, images: jax.Array, cfg: ViTConfig) -> jax.Array:
-  """Patch embedding + CLS + position embeddings + registers.
+  """Patch embedding + CLS + position embeddings (learned scheme only) + registers.
 
   Args:
     params: ViT parameters.
@@ -126,13 +165,15 @@ def embed(params: Params, images: jax.Array, cfg: ViTConfig) -> jax.Array:
   kernel = params["patch_embed"]["kernel"].reshape(p * p * 3, cfg.dim)
   tokens = jnp.matmul(patches.astype(jnp.float32), kernel, precision=jax.lax.Precision.HIGHEST)
   tokens = tokens + params["patch_embed"]["bias"]
-  pos = params["pos_embed"]
-  patch_pos = interpolate_pos_embed(pos[1:], (h, w), cfg.pos_interp)
-  cls = jnp.broadcast_to(params["cls_token"] + pos[0], (batch, 1, cfg.dim))
-  parts = [cls]
+  cls = params["cls_token"]
+  if cfg.pos_scheme == "learned":
+    pos = params["pos_embed"]
+    tokens = tokens + interpolate_pos_embed(pos[1:], (h, w), cfg.pos_interp)
+    cls = cls + pos[0]
+  parts = [jnp.broadcast_to(cls, (batch, 1, cfg.dim))]
   if cfg.num_registers:
     parts.append(jnp.broadcast_to(params["register_tokens"], (batch, cfg.num_registers, cfg.dim)))
-  parts.append(tokens + patch_pos)
+  parts.append(tokens)
   return jnp.concatenate(parts, axis=1).astype(jnp.float32)
 
 
@@ -145,7 +186,8 @@ def encode(params: Params, images: jax.Array, cfg: ViTConfig, *, dtype=jnp.float
 
   Args:
     params: parameters from init_params, hf_to_params, meta_to_params or load_params.
-    images: [B, H, W, 3] float32, ImageNet-normalised; H, W any multiples of cfg.patch_size.
+    images: [B, H, W, 3] float32, normalised with cfg.mean and cfg.std; H, W any multiples of
+      cfg.patch_size (non-square too).
     cfg: the architecture.
     dtype: compute dtype of the matrix products (bfloat16 on GPU); LayerNorm, softmax, the
       residual stream and all accumulation stay float32; outputs are float32.
@@ -172,16 +214,20 @@ def encode(params: Params, images: jax.Array, cfg: ViTConfig, *, dtype=jnp.float
 
   grid = lambda t: t[:, first_patch:].reshape(batch, h, w, -1).astype(jnp.float32)
   x = embed(params, images, cfg)
+  rope = rope_sincos(params["rope_periods"], (h, w)) if cfg.pos_scheme == "rope" else None
   blocks_out = {}
   for index in range(cfg.depth):
     block = jax.tree.map(lambda a, i=index: a[i], params["blocks"])
-    x, (q, k, v) = _block(x, block, cfg, key_bias, dtype)
+    x, (q, k, v) = _block(x, block, cfg, key_bias, rope, dtype)
     if index in wanted:
       blocks_out[index] = {"q": grid(q), "k": grid(k), "v": grid(v), "tokens": grid(x)}
 
-  # CLS row of the last block's attention, recomputed from its q and k: a [B, heads, N] slice.
+  # CLS row of the last block's attention, recomputed from its q and k (after RoPE, which leaves
+  # CLS's own query alone): a [B, heads, N] slice.
   last_q = q[:, 0].reshape(batch, cfg.num_heads, cfg.head_dim).astype(jnp.float32)
   last_k = k.reshape(batch, -1, cfg.num_heads, cfg.head_dim).astype(jnp.float32)
+  if rope is not None:
+    last_k = _rope_rotate(last_k, rope, first_patch)
   cls_logits = jnp.einsum("bhd,bkhd->bhk", last_q * cfg.head_dim ** -0.5, last_k,
                           precision=jax.lax.Precision.HIGHEST)
   if key_bias is not None:
@@ -208,13 +254,23 @@ def param_shapes(cfg: ViTConfig) -> Params:
   shapes = {
       "patch_embed": {"kernel": (cfg.patch_size, cfg.patch_size, 3, d), "bias": (d,)},
       "cls_token": (d,),
-      "pos_embed": (1 + cfg.pos_grid ** 2, d),
       "blocks": blocks,
       "norm": {"scale": (d,), "bias": (d,)},
   }
+  if cfg.pos_scheme == "learned":
+    shapes["pos_embed"] = (1 + cfg.pos_grid ** 2, d)
+  else:
+    # RoPE periods are a parameter, not recomputed: Meta's releases store them rounded to bfloat16.
+    shapes["rope_periods"] = (cfg.head_dim // 4,)
   if cfg.num_registers:
     shapes["register_tokens"] = (cfg.num_registers, d)
   return shapes
+
+
+def rope_periods(cfg: ViTConfig) -> jax.Array:
+  """[head_dim // 4] float32 RoPE periods rope_base ** (4 i / head_dim), as transformers computes them."""
+  exponents = jnp.arange(0, cfg.head_dim // 4, dtype=jnp.float32) * 4 / cfg.head_dim
+  return cfg.rope_base ** exponents
 
 
 def _is_shape(node) -> bool:
@@ -223,7 +279,7 @@ def _is_shape(node) -> bool:
 
 @functools.partial(jax.jit, static_argnums=0)
 def init_params(cfg: ViTConfig, key: jax.Array) -> Params:
-  """Random parameters (normal std 0.02 weights, zero biases, unit norms and layerscale).
+  """Random parameters (normal std 0.02 weights, zero biases, unit norms and layerscale, RoPE periods).
 
   Jitted (one compilation per cfg) with cfg static.
 
@@ -242,7 +298,9 @@ def init_params(cfg: ViTConfig, key: jax.Array) -> Params:
   out, offset = [], 0
   for (path, shape), size in zip(flat, sizes):
     name = jax.tree_util.keystr(path)
-    if "'scale'" in name or "'ls" in name:
+    if name == "['rope_periods']":
+      out.append(rope_periods(cfg))
+    elif "'scale'" in name or "'ls" in name:
       out.append(jnp.ones(shape, jnp.float32))
     elif "'bias'" in name:
       out.append(jnp.zeros(shape, jnp.float32))
@@ -273,7 +331,7 @@ class ViT(nn.Module):
 
   @nn.compact
   def __call__(self, images: jax.Array, patch_mask: jax.Array | None = None) -> ViTOutput:
-    """images: [B, H, W, 3] float32 ImageNet-normalised; patch_mask: optional bool [B, h, w] (see encode)."""
+    """images: [B, H, W, 3] float32 normalised with cfg.mean / cfg.std; patch_mask: optional bool [B, h, w] (see encode)."""
     params = {name: self.param(name, lambda key, name=name: init_params(self.cfg, key)[name])
               for name in param_shapes(self.cfg)}
     return encode(params, images, self.cfg, dtype=self.dtype, return_blocks=self.return_blocks,

@@ -1,0 +1,168 @@
+"""DINOv3 backbones against transformers' DINOv3ViTModel, through transformers' and Meta's key names."""
+
+import dataclasses
+import re
+
+import jax
+import ml_dtypes
+import numpy as np
+import pytest
+import torch
+import transformers
+
+from jaxseg import models
+from jaxseg.models import vit
+from test_models import ENCODE, _compare, _randomize, _reference
+
+
+def _hf_config(cfg: models.ViTConfig) -> transformers.DINOv3ViTConfig:
+  """The transformers config of a jaxseg DINOv3 config (written from transformers' field names)."""
+  return transformers.DINOv3ViTConfig(
+      hidden_size=cfg.dim, num_hidden_layers=cfg.depth, num_attention_heads=cfg.num_heads,
+      intermediate_size=cfg.mlp_hidden_dim, use_gated_mlp=cfg.mlp == "swiglu", hidden_act="silu" if cfg.mlp == "swiglu"
+      else "gelu", num_register_tokens=cfg.num_registers, layer_norm_eps=cfg.layer_norm_eps, rope_theta=cfg.rope_base,
+      query_bias=cfg.qkv_bias, value_bias=cfg.qkv_bias, key_bias=False, attn_implementation="eager")
+
+
+def _meta_names(memory: dict[str, np.ndarray], periods: np.ndarray) -> dict[str, np.ndarray]:
+  """transformers in-memory DINOv3 names -> facebookresearch/dinov3 names (mapped here independently).
+
+  The fused qkv bias gets a random key third that only Meta's bias_mask zeroes, and a
+  local_cls_norm (training only) is added, so neither can be forgotten silently.
+  """
+  rng = np.random.default_rng(1)
+  out = {"rope_embed.periods": periods, "local_cls_norm.weight": rng.normal(size=memory["norm.weight"].shape)}
+  gated = any("gate_proj" in k for k in memory)
+  mlp = {"gate_proj": "w1", "up_proj": "w2", "down_proj": "w3"} if gated else {"up_proj": "fc1", "down_proj": "fc2"}
+  for key, value in memory.items():
+    m = re.match(r"model\.layer\.(\d+)\.(.*)", key)
+    if not m:
+      out[{"embeddings.cls_token": "cls_token", "embeddings.register_tokens": "storage_tokens",
+           "embeddings.mask_token": "mask_token", "embeddings.patch_embeddings.weight": "patch_embed.proj.weight",
+           "embeddings.patch_embeddings.bias": "patch_embed.proj.bias", "norm.weight": "norm.weight",
+           "norm.bias": "norm.bias"}[key]] = value.reshape(-1, value.shape[-1]) if "mask" in key else value
+      continue
+    i, rest = m.groups()
+    block = f"blocks.{i}."
+    if rest.startswith("attention.q_proj."):
+      suffix = rest.rsplit(".", 1)[1]
+      if suffix == "bias":
+        q, v = value, memory[f"model.layer.{i}.attention.v_proj.bias"]
+        out[block + "attn.qkv.bias"] = np.concatenate([q, rng.normal(size=q.shape).astype(q.dtype), v])
+        out[block + "attn.qkv.bias_mask"] = np.repeat(np.array([1, 0, 1], q.dtype), q.shape[0])
+      else:
+        out[block + "attn.qkv.weight"] = np.concatenate(
+            [memory[f"model.layer.{i}.attention.{n}_proj.weight"] for n in "qkv"], axis=0)
+    elif rest.startswith(("attention.k_proj.", "attention.v_proj.")):
+      continue
+    else:
+      rest = rest.replace("attention.o_proj", "attn.proj").replace("layer_scale1.lambda1", "ls1.gamma")
+      rest = rest.replace("layer_scale2.lambda1", "ls2.gamma")
+      rest = re.sub(r"mlp\.(\w+_proj)", lambda n: "mlp." + mlp[n.group(1)], rest)
+      out[block + rest] = value
+  return out
+
+
+def _case(cfg: models.ViTConfig, seed: int = 0):
+  """(torch model with every parameter perturbed, in-memory state dict, Hub-stored state dict)."""
+  torch.manual_seed(seed)
+  model = _randomize(transformers.DINOv3ViTModel(_hf_config(cfg)))
+  memory = {k: v.detach().numpy() for k, v in model.state_dict().items()}
+  hub = {re.sub(r"^model\.", "", k): v for k, v in memory.items()}  # the Hub's files store layer.N.
+  return model, memory, hub
+
+
+def _meta_case(model, memory):
+  """Meta names with bfloat16-rounded periods (as released), and the torch model set to use those periods."""
+  periods = (1.0 / model.rope_embeddings.inv_freq.numpy()).astype(ml_dtypes.bfloat16).astype(np.float32)
+  model.rope_embeddings.inv_freq.copy_(torch.from_numpy(1.0 / periods))
+  return _meta_names(memory, periods), periods
+
+
+def _check_parity(cfg, model, state_dict, convert, size):
+  images = np.random.default_rng(2).normal(size=(2, *size, 3)).astype(np.float32)
+  params = convert(state_dict, cfg)
+  out = jax.device_get(ENCODE(params, images, cfg))
+  ref, captured = _reference(model, images, model.model.layer[-1].attention)
+  return _compare(out, ref, captured, 1 + cfg.num_registers, (size[0] // 16, size[1] // 16))
+
+
+SMALL = dataclasses.replace(models.VARIANTS["dinov3_vits16"], dim=64, depth=2, num_heads=4)
+
+
+@pytest.mark.parametrize("cfg", [
+    SMALL,
+    dataclasses.replace(models.VARIANTS["dinov3_vits16plus"], dim=64, depth=2, num_heads=4),  # S+ / H+ SwiGLU
+    # 7B layout: no q/v bias, hidden width rounded to 64 (dim 80: 160 -> 192, where 8 would keep 160).
+    dataclasses.replace(models.VARIANTS["dinov3_vit7b16"], dim=80, depth=2, num_heads=4),
+], ids=["gelu", "swiglu", "7b_layout"])
+def test_small_dinov3_matches_transformers_through_both_key_sets(cfg):
+  model, memory, hub = _case(cfg)
+  assert all(np.any(v != 0) for k, v in memory.items() if "mask_token" not in k)
+  errors = {"hub": _check_parity(cfg, model, hub, models.hf_to_params, (32, 48)),
+            "memory": _check_parity(cfg, model, memory, models.hf_to_params, (48, 32))}
+  meta, _ = _meta_case(model, memory)
+  errors["meta"] = _check_parity(cfg, model, meta, models.meta_to_params, (32, 48))
+  print(cfg.mlp, cfg.qkv_bias, {k: max(v.values()) for k, v in errors.items()})
+
+
+@pytest.mark.parametrize("size", [pytest.param((448, 672), marks=pytest.mark.slow), (224, 224)])
+def test_dinov3_vits16_real_size_matches_transformers_through_both_key_sets(size):
+  cfg = models.VARIANTS["dinov3_vits16"]
+  model, _, hub = _case(cfg)
+  errors = {"hub": _check_parity(cfg, model, hub, models.hf_to_params, size)}
+  meta, _ = _meta_case(model, {k: v.detach().numpy() for k, v in model.state_dict().items()})
+  errors["meta"] = _check_parity(cfg, model, meta, models.meta_to_params, size)
+  print(size, {k: max(v.values()) for k, v in errors.items()})
+
+
+def test_meta_periods_are_used_as_stored():
+  model, memory, _ = _case(SMALL)
+  meta, periods = _meta_case(model, memory)
+  params = models.meta_to_params(meta, SMALL)
+  np.testing.assert_array_equal(params["rope_periods"], periods)
+  assert np.abs(periods - np.asarray(vit.rope_periods(SMALL))).max() > 1e-3  # bfloat16 rounding shows
+
+
+def test_rope_sin_cos_match_transformers_on_a_non_square_grid():
+  cfg = models.VARIANTS["dinov3_vitb16"]
+  rope = transformers.models.dinov3_vit.modeling_dinov3_vit.DINOv3ViTRopePositionEmbedding(_hf_config(cfg)).eval()
+  cos, sin = (t.numpy() for t in rope(torch.zeros(1, 3, 16 * 7, 16 * 12)))
+  ours_sin, ours_cos = jax.device_get(vit.rope_sincos(vit.rope_periods(cfg), (7, 12)))
+  assert ours_sin.shape == sin.shape == (84, cfg.head_dim)
+  np.testing.assert_allclose(ours_sin, sin, atol=1e-5)
+  np.testing.assert_allclose(ours_cos, cos, atol=1e-5)
+
+
+def test_dinov3_variants_follow_the_release():
+  v = models.VARIANTS
+  assert [v[n].dim for n in ("dinov3_vits16", "dinov3_vits16plus", "dinov3_vitb16", "dinov3_vitl16",
+                             "dinov3_vith16plus", "dinov3_vit7b16")] == [384, 384, 768, 1024, 1280, 4096]
+  assert v["dinov3_vith16plus"].mlp_hidden_dim == 5120 and v["dinov3_vit7b16"].mlp_hidden_dim == 8192
+  assert not v["dinov3_vit7b16"].qkv_bias and v["dinov3_vitl16"].qkv_bias
+  assert v["dinov3_vitl16"].mean == models.config.IMAGENET_MEAN
+  assert v["dinov3_vitl16_sat"].mean == (0.430, 0.411, 0.296) and v["dinov3_vitl16_sat"].std == (0.213, 0.156, 0.143)
+  assert dataclasses.replace(v["dinov3_vitl16_sat"], mean=v["dinov3_vitl16"].mean,
+                             std=v["dinov3_vitl16"].std) == v["dinov3_vitl16"]
+
+
+def test_wrong_variant_checkpoint_is_named_by_key_and_shape():
+  _, _, hub = _case(SMALL)
+  bigger = dataclasses.replace(SMALL, dim=128, num_heads=8)
+  with pytest.raises(models.CheckpointError, match=r"'embeddings\.cls_token' has shape \(1, 1, 64\), expected "
+                                                   r"\(1, 1, 128\)"):
+    models.hf_to_params(hub, bigger)
+  with pytest.raises(models.CheckpointError, match=r"Missing .*'embeddings\.position_embeddings'"):
+    models.hf_to_params(hub, dataclasses.replace(SMALL, pos_scheme="learned", key_bias=True, pos_grid=2))
+  meta, _ = _meta_case(*_case(SMALL)[:2])
+  with pytest.raises(models.CheckpointError, match=r"Missing .*'blocks\.0\.attn\.qkv\.bias_mask'"):
+    models.meta_to_params({k: v for k, v in meta.items() if "bias_mask" not in k}, SMALL)
+
+
+def test_flax_module_and_smaller_family_member_run_non_square():
+  cfg = dataclasses.replace(models.VARIANTS["dinov3_vitl16_sat"], dim=32, depth=1, num_heads=2)
+  images = np.zeros((1, 32, 64, 3), np.float32)
+  variables = models.ViT(cfg).init(jax.random.PRNGKey(0), images)
+  assert variables["params"]["rope_periods"].shape == (4,) and "pos_embed" not in variables["params"]
+  out = models.ViT(cfg).apply(variables, images)
+  assert out.patch_tokens.shape == (1, 2, 4, 32) and out.registers.shape == (1, 4, 32)
