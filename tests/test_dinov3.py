@@ -1,7 +1,13 @@
 """DINOv3 backbones against transformers' DINOv3ViTModel, through transformers' and Meta's key names."""
 
 import dataclasses
+import http.server
+import os
+import pathlib
 import re
+import subprocess
+import sys
+import threading
 
 import jax
 import ml_dtypes
@@ -166,3 +172,86 @@ def test_flax_module_and_smaller_family_member_run_non_square():
   assert variables["params"]["rope_periods"].shape == (4,) and "pos_embed" not in variables["params"]
   out = models.ViT(cfg).apply(variables, images)
   assert out.patch_tokens.shape == (1, 2, 4, 32) and out.registers.shape == (1, 4, 32)
+
+
+class _GatedHub(http.server.BaseHTTPRequestHandler):
+  """A loopback Hub whose repositories are gated: 401 without a token, 403 with one (access not granted)."""
+  seen: list = []
+
+  def do_GET(self):  # noqa: N802 (http.server's name)
+    token = self.headers.get("Authorization")
+    type(self).seen.append((self.path, token))
+    self.send_response(403 if token else 401)
+    self.send_header("Content-Length", "0")
+    self.end_headers()
+
+  def log_message(self, *args):
+    pass
+
+
+@pytest.fixture
+def gated_hub(monkeypatch, tmp_path):
+  server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _GatedHub)
+  thread = threading.Thread(target=server.serve_forever, daemon=True)
+  thread.start()
+  _GatedHub.seen = []
+  endpoint = f"http://127.0.0.1:{server.server_address[1]}"
+  monkeypatch.setenv("HF_ENDPOINT", endpoint)
+  monkeypatch.delenv("HF_TOKEN", raising=False)
+  monkeypatch.delenv("HF_TOKEN_PATH", raising=False)
+  monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))
+  yield endpoint
+  server.shutdown()
+  server.server_close()
+
+
+def _assert_gated_message(message: str, endpoint: str, cache: pathlib.Path):
+  assert "\n" not in message
+  for fragment in (f"{endpoint}/facebook/dinov3-vits16-pretrain-lvd1689m is gated", "HF_TOKEN",
+                   "--config.model.weights=/path/file", "Meta's e-mailed .pth"):
+    assert fragment in message, (fragment, message)
+  assert not any(p.is_file() for p in cache.rglob("*")), list(cache.rglob("*"))
+
+
+def test_gated_download_without_token_is_refused_with_a_way_out(gated_hub, tmp_path):
+  cache = tmp_path / "cache"
+  with pytest.raises(models.WeightsUnavailableError, match="HTTP Error 401") as info:
+    models.load_params("hf", "dinov3_vits16", cache_dir=cache)
+  _assert_gated_message(str(info.value), gated_hub, cache)
+  assert "no token was found" in str(info.value)
+  assert _GatedHub.seen == [("/facebook/dinov3-vits16-pretrain-lvd1689m/resolve/main/model.safetensors", None)]
+
+
+@pytest.mark.parametrize("where", ["env", "hf_home_file"])
+def test_gated_download_sends_the_token_and_names_a_refusal(gated_hub, tmp_path, monkeypatch, where):
+  if where == "env":
+    monkeypatch.setenv("HF_TOKEN", "hf_from_env")
+  else:
+    (tmp_path / "hf_home").mkdir()
+    (tmp_path / "hf_home" / "token").write_text("hf_from_file\n")
+  cache = tmp_path / "cache"
+  with pytest.raises(models.WeightsUnavailableError, match="HTTP Error 403") as info:
+    models.load_params("hf", "dinov3_vits16", cache_dir=cache)
+  _assert_gated_message(str(info.value), gated_hub, cache)
+  assert "the token sent was refused" in str(info.value)
+  assert [token for _, token in _GatedHub.seen] == ["Bearer " + ("hf_from_env" if where == "env" else "hf_from_file")]
+
+
+def test_gated_download_ends_the_runner_with_one_error_line(gated_hub, tmp_path):
+  env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3", JAXSEG_CACHE=str(tmp_path / "cache"))
+  out = subprocess.run([sys.executable, "-m", "experiments.segment", "--config=configs/demo.py",
+                        f"--workdir={tmp_path / 'work'}", "--config.model.variant=dinov3_vits16",
+                        "--config.model.weights=hf", "--config.image_size=32"],
+                       cwd=pathlib.Path(__file__).resolve().parents[1], env=env, capture_output=True, text=True,
+                       timeout=300)
+  assert out.returncode == 2, out.stderr[-3000:]
+  lines = [line for line in out.stderr.splitlines() if line.startswith("error: ")]
+  assert len(lines) == 1 and "Traceback" not in out.stderr, out.stderr[-3000:]
+  _assert_gated_message(lines[0], gated_hub, tmp_path / "cache")
+
+
+def test_meta_source_of_dinov3_points_to_the_local_file_route():
+  with pytest.raises(models.WeightsUnavailableError, match=r"e-mailed on request.*--config\.model\.weights=/path"):
+    models.weights_urls("dinov3_vitl16_sat", "meta")
+  assert models.weights_url("dinov3_vitl16_sat", "hf").endswith(
+      "/facebook/dinov3-vitl16-pretrain-sat493m/resolve/main/model.safetensors")

@@ -51,7 +51,7 @@ def _demo(**overrides):
     ({"model.dtype": "int8"}, "config.model.dtype='int8' is not one of"),
     ({"image_size": 450}, "config.image_size=450 is not a multiple of dinov2_vits14's patch size 14"),
     ({"image_size": 0}, "config.image_size=0 must be > 0"),
-    ({"model.variant": "dinov3_vits16"}, "config.model.variant: 'dinov3_vits16' is not one of"),
+    ({"model.variant": "dinov4_vits16"}, "config.model.variant: 'dinov4_vits16' is not one of"),
     ({"batch_size": 0}, "config.batch_size=0 must be >= 1"),
     ({"crf.iterations": -1}, "config.crf.iterations=-1 must be >= 0"),
     ({"crf.bilateral_srgb": 0.0}, "config.crf.bilateral_srgb=0.0 must be > 0"),

@@ -406,7 +406,8 @@ class _Hub:
   def __init__(self, files=None):
     self.files, self.requested = files, []
 
-  def __call__(self, url, timeout=None):
+  def __call__(self, request, timeout=None):
+    url = getattr(request, "full_url", request)
     self.requested.append(url)
     if self.files is None:
       raise urllib.error.URLError("network is unreachable")

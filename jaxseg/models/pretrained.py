@@ -1,8 +1,13 @@
-"""Official DINO / DINOv2 weights: where they live, downloading and caching, one loading entry point.
+"""Official DINO / DINOv2 / DINOv3 weights: where they live, downloading and caching, one loading entry point.
 
 Downloads go to a temporary file next to the target, are checked against the server's size (and
 sha256 where the Hub publishes it) and only then renamed into place, so an interrupted download
 never leaves a file that looks complete. Converted parameters are cached once per variant/source.
+
+DINOv3's Hub repositories are gated: the user's Hugging Face token ($HF_TOKEN, or the file
+huggingface_hub's login writes) goes with requests to the Hub, and only there. Meta hands out its
+own DINOv3 download URLs by e-mail, so the "meta" source has no URL: a downloaded .pth is used
+as a local file.
 """
 
 import dataclasses
@@ -24,7 +29,9 @@ from jaxseg.models.vit import Params, init_params
 
 _META_DINOV2 = "https://dl.fbaipublicfiles.com/dinov2/{name}/{name}{reg}_pretrain.pth"
 _META_DINO = "https://dl.fbaipublicfiles.com/dino/{name}/{name}_pretrain.pth"
-_HF = "https://huggingface.co/facebook/{repo}/resolve/main/{file}"
+_HF = "{endpoint}/facebook/{repo}/resolve/main/{file}"
+_HF_PAGE = "{endpoint}/facebook/{repo}"
+_DINOV3_META_PAGE = "https://ai.meta.com/resources/models-and-libraries/dinov3-downloads/"
 _DINOV2_SIZES = {"vits14": "small", "vitb14": "base", "vitl14": "large", "vitg14": "giant"}
 _DINO_META_NAMES = {"dino_vits16": "dino_deitsmall16", "dino_vits8": "dino_deitsmall8",
                     "dino_vitb16": "dino_vitbase16", "dino_vitb8": "dino_vitbase8"}
@@ -32,6 +39,10 @@ _DINO_META_NAMES = {"dino_vits16": "dino_deitsmall16", "dino_vits8": "dino_deits
 
 class WeightsUnavailableError(RuntimeError):
   """Weights could not be downloaded; the message names the URLs and where to put a file by hand."""
+
+
+class _Refused(WeightsUnavailableError):
+  """The server answered 401 or 403: the repository is gated and the request had no (granted) token."""
 
 
 class _NotOnServer(WeightsUnavailableError):
@@ -43,25 +54,59 @@ def default_cache_dir() -> pathlib.Path:
   return pathlib.Path(os.environ.get("JAXSEG_CACHE", pathlib.Path.home() / ".cache" / "jaxseg"))
 
 
+def hf_endpoint() -> str:
+  """$HF_ENDPOINT (a Hub mirror, as huggingface_hub reads it), else https://huggingface.co."""
+  return os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
+
+
+def hf_token() -> str | None:
+  """The user's Hugging Face token: $HF_TOKEN, else the file of $HF_TOKEN_PATH, $HF_HOME/token or
+  ~/.cache/huggingface/token (where `huggingface-cli login` writes it); None when there is none."""
+  token = os.environ.get("HF_TOKEN", "").strip()
+  if token:
+    return token
+  hf_home = pathlib.Path(os.environ.get("HF_HOME", pathlib.Path.home() / ".cache" / "huggingface"))
+  path = pathlib.Path(os.environ.get("HF_TOKEN_PATH", hf_home / "token"))
+  try:
+    return path.read_text().strip() or None
+  except OSError:
+    return None
+
+
+def _hf_repo(variant: str) -> str:
+  """The Hub repository (under facebook/) of a variant."""
+  if variant.startswith("dinov3_"):
+    arch, _, data = variant[len("dinov3_"):].partition("_")
+    return f"dinov3-{arch}-pretrain-{'sat493m' if data == 'sat' else 'lvd1689m'}"
+  if variant.startswith("dinov2_"):
+    family = "dinov2-with-registers" if variant.endswith("_reg") else "dinov2"
+    return f"{family}-{_DINOV2_SIZES[variant.split('_')[1]]}"
+  return variant.replace("_", "-")
+
+
 def weights_urls(variant: str, source: str) -> tuple[str, ...]:
   """Download URLs of a variant's checkpoint, preferred first.
 
   source "meta": the facebookresearch .pth. source "hf": the Hub repo's model.safetensors, then its
   pytorch_model.bin (read through the restricted unpickler) for repos that hold only that.
+
+  Raises:
+    WeightsUnavailableError: DINOv3 from "meta", whose URLs Meta e-mails on request.
   """
   get_variant(variant)
+  if source == "meta" and variant.startswith("dinov3_"):
+    raise WeightsUnavailableError(
+        f"DINOv3 weights from Meta come from download URLs e-mailed on request at {_DINOV3_META_PAGE}; "
+        f"download the {variant} .pth and pass it as --config.model.weights=/path/file.pth, or use "
+        f"--config.model.weights=hf (the gated {_HF_PAGE.format(endpoint=hf_endpoint(), repo=_hf_repo(variant))})")
   if source == "meta":
     if variant.startswith("dinov2_"):
       arch = variant.split("_")[1]
       return (_META_DINOV2.format(name=f"dinov2_{arch}", reg="_reg4" if variant.endswith("_reg") else ""),)
     return (_META_DINO.format(name=_DINO_META_NAMES[variant]),)
   if source == "hf":
-    if variant.startswith("dinov2_"):
-      family = "dinov2-with-registers" if variant.endswith("_reg") else "dinov2"
-      repo = f"{family}-{_DINOV2_SIZES[variant.split('_')[1]]}"
-    else:
-      repo = variant.replace("_", "-")
-    return tuple(_HF.format(repo=repo, file=name) for name in ("model.safetensors", "pytorch_model.bin"))
+    return tuple(_HF.format(endpoint=hf_endpoint(), repo=_hf_repo(variant), file=name)
+                 for name in ("model.safetensors", "pytorch_model.bin"))
   raise ValueError(f"Unknown weights source {source!r}; choose 'hf' or 'meta'.")
 
 
@@ -76,19 +121,25 @@ def _download_paths(variant: str, source: str, cache_dir: pathlib.Path) -> list[
           for url in weights_urls(variant, source)]
 
 
-def download(url: str, path: pathlib.Path) -> pathlib.Path:
+def download(url: str, path: pathlib.Path, token: str | None = None) -> pathlib.Path:
   """Downloads url to path (temp file + rename, the umask's mode) with a progress bar and a size / sha256 check.
+
+  token, when given, is sent as `Authorization: Bearer <token>` (gated Hub repositories).
 
   Raises:
     WeightsUnavailableError: offline, the server refused, or the download is incomplete (names url).
   """
-  path.parent.mkdir(parents=True, exist_ok=True)
+  request = urllib.request.Request(url)
+  if token is not None:  # unredirected: the Hub redirects file downloads to a CDN that must not see it
+    request.add_unredirected_header("Authorization", f"Bearer {token}")
   try:
-    response = urllib.request.urlopen(url, timeout=60)
+    response = urllib.request.urlopen(request, timeout=60)
   except urllib.error.HTTPError as e:
-    raise (_NotOnServer if e.code == 404 else WeightsUnavailableError)(f"Could not download {url} ({e})") from e
+    kind = {404: _NotOnServer, 401: _Refused, 403: _Refused}.get(e.code, WeightsUnavailableError)
+    raise kind(f"Could not download {url} ({e})") from e
   except (urllib.error.URLError, OSError) as e:
     raise WeightsUnavailableError(f"Could not download {url} ({e})") from e
+  path.parent.mkdir(parents=True, exist_ok=True)
   expected_size = int(response.headers.get("Content-Length") or -1)
   expected_sha = (response.headers.get("X-Linked-ETag") or "").strip('"')  # the Hub's sha256 of LFS files
   fd, tmp = new_temp_file(path, ".part")
@@ -129,11 +180,19 @@ def fetch_checkpoint(variant: str, source: str, cache_dir: pathlib.Path) -> path
           " by hand (the first present is used), or run offline with random weights (a smoke run, meaningless "
           "masks): --config.model.weights=random")
   missing = []
+  token = hf_token() if source == "hf" else None
   for url, path in candidates:
     try:
-      return download(url, path)
+      return download(url, path, token)
     except _NotOnServer:
       missing.append(url)
+    except _Refused as e:
+      page = _HF_PAGE.format(endpoint=hf_endpoint(), repo=_hf_repo(variant))
+      raise WeightsUnavailableError(
+          f"{e}: {page} is gated. Request access on that page, then set HF_TOKEN to a token of the account "
+          f"granted access ({'the token sent was refused' if token else 'no token was found'}); or put a "
+          f"checkpoint you have as {path}, or pass a local file as --config.model.weights=/path/file "
+          f"(a .safetensors from the Hub or Meta's e-mailed .pth)") from e
     except WeightsUnavailableError as e:
       raise WeightsUnavailableError(f"{e}. {hint}.") from e
   raise WeightsUnavailableError(f"None of {missing} is on the server. {hint}.")
