@@ -5,12 +5,12 @@ Run:
 
 Probes are fitted on a reservoir of at most probe.samples patches of `train`
 (1,464 images) and everything is scored on `val` (1,449 images), at 448 pixels
-(56x56 patches for patch 8, 32x32 for patch 14; image_size must be a multiple
-of every backbone's patch size). Writes analysis.csv, analysis.md and
+(56x56 patches for patch 8, 32x32 for patch 14, 28x28 for patch 16; image_size
+must be a multiple of every backbone's patch size). Writes analysis.csv, analysis.md and
 figures/*.png into the workdir; a restart skips finished backbones. Needs the
 dataset prepared in data.data_dir (see README) and each backbone's weights
 (downloaded on first use). --config.model.weights=random makes a smoke run.
-Every block of five backbones: hours on a CPU, minutes on a GPU; narrow it
+Every block of seven backbones (DINO, DINOv2 and DINOv3): hours on a CPU, minutes on a GPU; narrow it
 with e.g. --config.backbones="('dinov2_vits14',)" --config.blocks="(-1, 6)".
 """
 
@@ -26,7 +26,8 @@ def get_config():
   del config.crf  # the analysis stops before refinement
   if "distributed" in config:
     del config.distributed  # one process
-  config.backbones = ("dino_vits8", "dino_vitb8", "dinov2_vits14", "dinov2_vitb14", "dinov2_vitb14_reg")
+  config.backbones = ("dino_vits8", "dino_vitb8", "dinov2_vits14", "dinov2_vitb14", "dinov2_vitb14_reg",
+                      "dinov3_vits16", "dinov3_vitb16")
   config.blocks = ()  # block indices, negative from the end; () = every block
   config.features = ("q", "k", "v", "tokens", "cls-attention")  # cls-attention: last block only
   config.batch_size = 4  # every block's q, k, v, tokens of a batch are held at once

@@ -158,7 +158,8 @@ def _batch_labels(batch: dict, grid: tuple[int, int], split: str) -> tuple[np.nd
 
 def _batches(config, source, count: int, backbone: Backbone, desc: str):
   stream = jaxseg.data.batches(source, batch_size=config.batch_size, image_size=config.image_size,
-                               patch_size=backbone.vit.patch_size, indices=np.arange(count))
+                               patch_size=backbone.vit.patch_size, indices=np.arange(count),
+                               mean=backbone.vit.mean, std=backbone.vit.std)
   return tqdm.tqdm(stream, total=-(-count // config.batch_size), desc=f"{backbone.name}: {desc}", unit="batch")
 
 

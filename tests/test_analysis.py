@@ -175,7 +175,7 @@ def _config(**changes):
 
 
 def test_bad_image_size_and_blocks_are_named(tmp_path):
-  with pytest.raises(ValueError, match="multiple of 56"):
+  with pytest.raises(ValueError, match="multiple of 112"):
     analysis.run(_config(image_size=100), tmp_path)
   with pytest.raises(ValueError, match="out of range for dino_vits8"):
     analysis.cells(_config(blocks=(12,)), models.VARIANTS["dino_vits8"], "dino_vits8")

@@ -69,6 +69,24 @@ def test_every_field_is_overridable_on_the_command_line(name):
 def test_coco_labels_connected_regions_and_voc_the_whole_mask():
   coco = importlib.import_module("configs.coco_dinov2_vitb14").get_config()
   assert 0 < coco.method.min_region_fraction < 1
-  for name in ("voc_dinov2_vits14", "voc_dinov2_vitb14", "voc_dino_vits8"):
+  coco3 = importlib.import_module("configs.coco_dinov3_vitb16").get_config()
+  assert coco3.model.variant == "dinov3_vitb16" and coco3.method == coco.method and coco3.crf == coco.crf
+  for name in ("voc_dinov2_vits14", "voc_dinov2_vitb14", "voc_dino_vits8", "voc_dinov3_vits16", "voc_dinov3_vitb16"):
     voc = importlib.import_module(f"configs.{name}").get_config()
     assert voc.method.min_region_area == 0 and voc.method.min_region_fraction == 0, name
+
+
+@pytest.mark.parametrize("name", [n for n in CONFIGS if "dinov3" in n])
+def test_dinov3_configs_run_448_pixels_on_their_variant(name):
+  from jaxseg import models
+  config = importlib.import_module(f"configs.{name}").get_config()
+  variant = config.model.variant
+  assert variant.startswith("dinov3_") and variant in name and config.image_size == 448
+  assert config.image_size % models.VARIANTS[variant].patch_size == 0
+
+
+def test_analysis_compares_dino_dinov2_and_dinov3_by_default():
+  from configs import analyze_voc
+  backbones = analyze_voc.get_config().backbones
+  assert {"dinov3_vits16", "dinov3_vitb16"} <= set(backbones)
+  assert {b.split("_")[0] for b in backbones} == {"dino", "dinov2", "dinov3"}

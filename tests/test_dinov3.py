@@ -12,6 +12,7 @@ import threading
 import jax
 import ml_dtypes
 import numpy as np
+import PIL.Image
 import pytest
 import torch
 import transformers
@@ -255,3 +256,70 @@ def test_meta_source_of_dinov3_points_to_the_local_file_route():
     models.weights_urls("dinov3_vitl16_sat", "meta")
   assert models.weights_url("dinov3_vitl16_sat", "hf").endswith(
       "/facebook/dinov3-vitl16-pretrain-sat493m/resolve/main/model.safetensors")
+
+
+# ---- normalisation, the runner and the analysis ---------------------------------------------------------
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+SAT_MEAN, SAT_STD = np.array([0.430, 0.411, 0.296]), np.array([0.213, 0.156, 0.143])  # dinov3 README, by hand
+
+
+def test_prepare_images_and_batches_normalise_with_the_variant():
+  import jaxseg.data
+  photo = np.random.default_rng(0).integers(0, 256, (20, 30, 3), np.uint8)
+  resized = np.asarray(PIL.Image.fromarray(photo).resize((32, 32), PIL.Image.BICUBIC), np.float64)
+  np.testing.assert_allclose(jaxseg.data.prepare_images([photo], 32, "dinov3_vitl16_sat")[0],
+                             (resized / 255 - SAT_MEAN) / SAT_STD, atol=1e-5)
+  np.testing.assert_allclose(jaxseg.data.prepare_images([photo], 32, models.VARIANTS["dinov3_vitl16"])[0],
+                             (resized / 255 - np.array([0.485, 0.456, 0.406])) / np.array([0.229, 0.224, 0.225]),
+                             atol=1e-5)
+  cfg = models.VARIANTS["dinov3_vit7b16_sat"]
+  batch = next(iter(jaxseg.data.batches([{"id": "a", "image": photo}], batch_size=1, image_size=32, patch_size=16,
+                                        mean=cfg.mean, std=cfg.std)))
+  np.testing.assert_allclose(batch["image"][0], (resized / 255 - SAT_MEAN) / SAT_STD, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_segment_runner_end_to_end_takes_the_normalisation_from_the_variant(tmp_path, monkeypatch):
+  import fixtures
+  import jaxseg.data
+  from experiments import runner
+  small = dataclasses.replace(models.VARIANTS["dinov3_vitl16_sat"], dim=32, depth=2, num_heads=2)
+  monkeypatch.setitem(models.VARIANTS, "dinov3_vitl16_sat", small)  # a SAT model of the family, small
+  folder = fixtures.make_photo_folder(tmp_path / "photos", {"a": (40, 52), "b": (48, 40), "c": (44, 44)})
+  config = fixtures.segment_config(ROOT / "configs" / "voc_dinov3_vits16.py", **{
+      "data.name": f"folder:{folder}", "model.variant": "dinov3_vitl16_sat", "model.weights": "random",
+      "image_size": 48, "batch_size": 2, "crf.iterations": 2, "gallery_size": 2})
+  runner.run(config, tmp_path / "work")
+  assert {name[:-4]: p.shape for name, p in fixtures.read_pngs(tmp_path / "work" / "predictions").items()} == {
+      "a": (40, 52), "b": (48, 40), "c": (44, 44)}
+  cls = {}
+  for path in (tmp_path / "work" / "features").glob("*.npz"):
+    with np.load(path) as f:
+      cls.update({int(i): c for i, c in zip(f["index"], f["cls"]) if i >= 0})
+  photos = [np.asarray(PIL.Image.open(folder / f"{n}.jpg").convert("RGB")) for n in "abc"]
+  params = models.init_params(small, jax.random.PRNGKey(0))
+  unit = lambda a: a / np.linalg.norm(a, axis=-1, keepdims=True)
+  expected = unit(np.asarray(ENCODE(params, jaxseg.data.prepare_images(photos, 48, small), small).cls))
+  imagenet = unit(np.asarray(ENCODE(params, jaxseg.data.prepare_images(photos, 48), small).cls))
+  ours = unit(np.stack([cls[i] for i in range(3)]).astype(np.float32))
+  assert np.abs(ours - expected).max() <= 1e-4 < np.abs(ours - imagenet).max()
+
+
+@pytest.mark.slow
+def test_analysis_binary_with_a_dinov3_backbone(tmp_path):
+  import fixtures
+  fixtures.make_voc_devkit(tmp_path / "manual", n_train=2, n_val=2)
+  env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3")
+  out = subprocess.run(
+      [sys.executable, "-m", "experiments.analyze_features", f"--workdir={tmp_path / 'work'}",
+       "--config=configs/analyze_voc.py", "--config.model.weights=random", "--config.backbones=('dinov3_vits16',)",
+       f"--config.data.data_dir={tmp_path / 'tfds'}", f"--config.data.manual_dir={tmp_path / 'manual'}",
+       "--config.image_size=64", "--config.batch_size=2", "--config.blocks=(-1,)", "--config.features=('k', 'q')",
+       "--config.method.num_categories=2", "--config.method.sample_budget=500", "--config.two_means.n_init=1",
+       "--config.probe.steps=20", "--config.figure_images=1"],
+      cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+  assert out.returncode == 0, out.stderr[-4000:]
+  text = (tmp_path / "work" / "analysis.md").read_text()
+  assert "| dinov3_vits16 |" in text
+  assert (tmp_path / "work" / "figures" / "heatmap_dinov3_vits16.png").is_file()

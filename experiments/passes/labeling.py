@@ -97,10 +97,12 @@ def run_descriptors(ctx: RunContext) -> None:
         continue
       image = ctx.source[int(source_index)]["image"]
       if descriptor == "masked":
-        inputs += [jaxseg.data.normalize_images(jaxseg.data.resize_image(image, size))] * count
+        inputs += [jaxseg.data.normalize_images(jaxseg.data.resize_image(image, size), mean=ctx.vit.mean,
+                                                std=ctx.vit.std)] * count
         patch_masks.append(framework.region_patch_masks(fractions))
       else:
-        inputs += [jaxseg.data.normalize_images(jaxseg.data.resize_image(framework.crop(image, box), size))
+        inputs += [jaxseg.data.normalize_images(jaxseg.data.resize_image(framework.crop(image, box), size),
+                                               mean=ctx.vit.mean, std=ctx.vit.std)
                    for box in framework.region_boxes(region_map, count)]
     if descriptor == "pooled":
       descriptors = np.concatenate(pooled) if pooled else np.zeros((0, ctx.vit.dim), np.float32)
