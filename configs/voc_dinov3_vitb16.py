@@ -3,11 +3,8 @@
 Run:
   python -m experiments.segment --config=configs/voc_dinov3_vitb16.py --workdir=/tmp/jaxseg_voc_dinov3_vitb16
 
-Needs the dataset in TFDS's data_dir (prepared on first use from the official
-archives in --config.data.manual_dir, see README) and the backbone's weights: the
-Hub repository facebook/dinov3-vitb16-pretrain-lvd1689m is gated (request access on its
-page, then set HF_TOKEN), or pass Meta's .pth as --config.model.weights=/path/file.pth.
-DINOv3 weights are under Meta's DINOv3 License.
+Dataset and weights as in configs/voc_dinov3_vits16.py; the gated Hub repository
+here is facebook/dinov3-vitb16-pretrain-lvd1689m.
 """
 
 from configs import _base
