@@ -323,3 +323,18 @@ def test_analysis_binary_with_a_dinov3_backbone(tmp_path):
   text = (tmp_path / "work" / "analysis.md").read_text()
   assert "| dinov3_vits16 |" in text
   assert (tmp_path / "work" / "figures" / "heatmap_dinov3_vits16.png").is_file()
+
+
+def test_attention_loops_agree_on_cpu():
+  """The non-CPU branch (vmap over the batch) run here against the CPU one (lax.map), masked and not."""
+  encode = jax.jit(models.encode, static_argnames=("cfg", "return_blocks", "attention_loop"))
+  params = models.init_params(SMALL, jax.random.PRNGKey(3))
+  images = np.random.default_rng(4).normal(size=(3, 32, 48, 3)).astype(np.float32)
+  patch_mask = np.random.default_rng(5).random((3, 2, 3)) < 0.6
+  for mask in (None, patch_mask):
+    outs = {loop: jax.device_get(encode(params, images, SMALL, patch_mask=mask, return_blocks=(0,),
+                                        attention_loop=loop)) for loop in ("map", "vmap", "auto")}
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5), outs["map"], outs["vmap"])
+    jax.tree.map(np.testing.assert_array_equal, outs["map"], outs["auto"])  # auto is map on CPU
+  with pytest.raises(ValueError, match="attention_loop must be one of"):
+    models.encode(params, images, SMALL, attention_loop="scan")

@@ -22,6 +22,7 @@ from jaxseg.models.config import ViTConfig
 from jaxseg.models.pos_embed import interpolate_pos_embed
 
 Params = dict[str, Any]
+ATTENTION_LOOPS = ("auto", "map", "vmap")
 
 
 @flax.struct.dataclass
@@ -108,9 +109,10 @@ def _rope_rotate(t: jax.Array, rope: tuple[jax.Array, jax.Array], first_patch: i
   return jnp.concatenate([prefix, rotated.astype(t.dtype)], axis=1)
 
 
-def _attention(x: jax.Array, attn: Params, cfg: ViTConfig, key_bias: jax.Array | None, rope, dtype):
+def _attention(x: jax.Array, attn: Params, cfg: ViTConfig, key_bias: jax.Array | None, rope, dtype,
+               attention_loop: str):
   """Multi-head self-attention. x: [B, N, D]; key_bias: [B, N] additive logit bias or None;
-  rope: (sin, cos) of the patch tokens (see rope_sincos) or None.
+  rope: (sin, cos) of the patch tokens (see rope_sincos) or None; attention_loop: see encode.
 
   Returns:
     (out [B, N, D], (q, k, v) each [B, N, D], before RoPE).
@@ -124,7 +126,7 @@ def _attention(x: jax.Array, attn: Params, cfg: ViTConfig, key_bias: jax.Array |
     first_patch = 1 + cfg.num_registers
     q_heads, k_heads = _rope_rotate(q_heads, rope, first_patch), _rope_rotate(k_heads, rope, first_patch)
   operands = (q_heads * jnp.asarray(cfg.head_dim ** -0.5, dtype), k_heads, heads(v), key_bias)
-  if jax.default_backend() == "cpu":
+  if attention_loop == "map" or (attention_loop == "auto" and jax.default_backend() == "cpu"):
     # One image at a time keeps the [heads, N, N] logits in cache: ~3x faster than batched on CPU.
     out = jax.lax.map(lambda args: _attend(*args, dtype), operands)
   else:
@@ -132,10 +134,11 @@ def _attention(x: jax.Array, attn: Params, cfg: ViTConfig, key_bias: jax.Array |
   return _dense(out.reshape(batch, tokens, cfg.dim), attn["proj"], dtype), (q, k, v)
 
 
-def _block(x: jax.Array, block: Params, cfg: ViTConfig, key_bias: jax.Array | None, rope, dtype):
+def _block(x: jax.Array, block: Params, cfg: ViTConfig, key_bias: jax.Array | None, rope, dtype,
+           attention_loop: str):
   """One pre-norm transformer block on the float32 residual stream x: [B, N, D]."""
   attn_out, qkv = _attention(layer_norm(x, block["norm1"], cfg.layer_norm_eps), block["attn"], cfg, key_bias,
-                             rope, dtype)
+                             rope, dtype, attention_loop)
   if cfg.layerscale:
     attn_out = attn_out * block["ls1"].astype(dtype)
   x = x + attn_out.astype(jnp.float32)
@@ -178,11 +181,12 @@ def embed(params: Params, images: jax.Array, cfg: ViTConfig) -> jax.Array:
 
 
 def encode(params: Params, images: jax.Array, cfg: ViTConfig, *, dtype=jnp.float32,
-           return_blocks: tuple[int, ...] = (), patch_mask: jax.Array | None = None) -> ViTOutput:
+           return_blocks: tuple[int, ...] = (), patch_mask: jax.Array | None = None,
+           attention_loop: str = "auto") -> ViTOutput:
   """Runs the ViT and returns its features (see ViTOutput).
 
-  jit with cfg, dtype and return_blocks static, e.g.
-  `jax.jit(encode, static_argnames=("cfg", "dtype", "return_blocks"))`.
+  jit with cfg, dtype, return_blocks and attention_loop static, e.g.
+  `jax.jit(encode, static_argnames=("cfg", "dtype", "return_blocks", "attention_loop"))`.
 
   Args:
     params: parameters from init_params, hf_to_params, meta_to_params or load_params.
@@ -195,12 +199,16 @@ def encode(params: Params, images: jax.Array, cfg: ViTConfig, *, dtype=jnp.float
       return in ViTOutput.blocks.
     patch_mask: optional bool [B, h, w]; when given, in every block the keys are restricted to
       CLS, the registers and the patches where the mask is True.
+    attention_loop: how attention runs over the batch (static; results agree): "map" one image at
+      a time (lax.map), "vmap" all at once, "auto" map on CPU and vmap elsewhere.
 
   Returns:
     ViTOutput.
   """
   batch, height, width, _ = images.shape
   h, w = height // cfg.patch_size, width // cfg.patch_size
+  if attention_loop not in ATTENTION_LOOPS:
+    raise ValueError(f"encode: attention_loop must be one of {ATTENTION_LOOPS}, got {attention_loop!r}.")
   wanted = {i % cfg.depth for i in return_blocks}
   if any(not -cfg.depth <= i < cfg.depth for i in return_blocks):
     raise ValueError(f"encode: return_blocks {return_blocks} out of range for depth {cfg.depth}.")
@@ -218,7 +226,7 @@ def encode(params: Params, images: jax.Array, cfg: ViTConfig, *, dtype=jnp.float
   blocks_out = {}
   for index in range(cfg.depth):
     block = jax.tree.map(lambda a, i=index: a[i], params["blocks"])
-    x, (q, k, v) = _block(x, block, cfg, key_bias, rope, dtype)
+    x, (q, k, v) = _block(x, block, cfg, key_bias, rope, dtype, attention_loop)
     if index in wanted:
       blocks_out[index] = {"q": grid(q), "k": grid(k), "v": grid(v), "tokens": grid(x)}
 
@@ -324,10 +332,12 @@ class ViT(nn.Module):
     cfg: the architecture.
     dtype: compute dtype of the matrix products (see encode).
     return_blocks: block indices whose q/k/v/tokens to return (static, as a module field).
+    attention_loop: "auto", "map" or "vmap" (see encode).
   """
   cfg: ViTConfig
   dtype: Any = jnp.float32
   return_blocks: tuple[int, ...] = ()
+  attention_loop: str = "auto"
 
   @nn.compact
   def __call__(self, images: jax.Array, patch_mask: jax.Array | None = None) -> ViTOutput:
@@ -335,4 +345,4 @@ class ViT(nn.Module):
     params = {name: self.param(name, lambda key, name=name: init_params(self.cfg, key)[name])
               for name in param_shapes(self.cfg)}
     return encode(params, images, self.cfg, dtype=self.dtype, return_blocks=self.return_blocks,
-                  patch_mask=patch_mask)
+                  patch_mask=patch_mask, attention_loop=self.attention_loop)
