@@ -10,6 +10,7 @@ import sys
 import threading
 
 import jax
+import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 import PIL.Image
@@ -338,3 +339,28 @@ def test_attention_loops_agree_on_cpu():
     jax.tree.map(np.testing.assert_array_equal, outs["map"], outs["auto"])  # auto is map on CPU
   with pytest.raises(ValueError, match="attention_loop must be one of"):
     models.encode(params, images, SMALL, attention_loop="scan")
+
+
+@pytest.mark.parametrize("variant", [v for v in models.VARIANTS if v.startswith("dinov3_")])
+def test_every_dinov3_variant_builds_and_runs_non_square(variant):
+  cfg = models.VARIANTS[variant]
+  params = jax.eval_shape(lambda k: models.init_params(cfg, k), jax.random.PRNGKey(0))
+  assert params["rope_periods"].shape == (cfg.head_dim // 4,) and "pos_embed" not in params
+  out = jax.eval_shape(lambda p: models.encode(p, jnp.zeros((1, 48, 32, 3)), cfg), params)
+  assert out.patch_tokens.shape == (1, 3, 2, cfg.dim) and out.registers.shape == (1, 4, cfg.dim)
+  assert out.cls_attention.shape == (1, cfg.num_heads, 3, 2)
+
+
+def test_meta_pth_with_bfloat16_periods_converts_and_round_trips(tmp_path):
+  """A .pth as Meta releases it (periods a bfloat16 tensor), read by the restricted unpickler, then saved."""
+  model, memory, _ = _case(SMALL)
+  meta, periods = _meta_case(model, memory)
+  tensors = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in meta.items()}
+  tensors["rope_embed.periods"] = torch.from_numpy(periods).to(torch.bfloat16)
+  torch.save(tensors, tmp_path / "dinov3.pth")
+  params = models.convert_file(tmp_path / "dinov3.pth", SMALL)  # names told apart by their keys
+  np.testing.assert_array_equal(params["rope_periods"], periods)
+  jax.tree.map(np.testing.assert_array_equal, params, models.meta_to_params(meta, SMALL))
+  models.save_params(tmp_path / "converted.safetensors", params, SMALL)
+  again = models.convert_file(tmp_path / "converted.safetensors", SMALL)
+  jax.tree.map(np.testing.assert_array_equal, again, params)
