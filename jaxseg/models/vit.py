@@ -100,19 +100,30 @@ def rope_sincos(periods: jax.Array, grid_hw: tuple[int, int]) -> tuple[jax.Array
   return jnp.sin(angles), jnp.cos(angles)
 
 
-def _rope_rotate(t: jax.Array, rope: tuple[jax.Array, jax.Array], first_patch: int) -> jax.Array:
-  """t * cos + rotate_half(t) * sin on the patch tokens only. t: [B, N, heads, head_dim]; float32 math."""
-  sin, cos = (a[:, None, :] for a in rope)
-  prefix, patches = t[:, :first_patch], t[:, first_patch:].astype(jnp.float32)
-  first, second = jnp.split(patches, 2, axis=-1)
-  rotated = patches * cos + jnp.concatenate([-second, first], axis=-1) * sin
-  return jnp.concatenate([prefix, rotated.astype(t.dtype)], axis=1)
+def _token_rope(rope: tuple[jax.Array, jax.Array], first_patch: int) -> tuple[jax.Array, jax.Array]:
+  """(sin, cos) of the patches -> [N, 1, head_dim] for every token, the identity (0, 1) on CLS and registers.
+
+  x * 1 + y * 0 == x exactly, so the prefix passes unchanged without a split and concatenation per block.
+  """
+  sin, cos = rope
+  prefix = lambda value: jnp.full((first_patch, sin.shape[-1]), value, jnp.float32)
+  return (jnp.concatenate([prefix(0.0), sin])[:, None, :], jnp.concatenate([prefix(1.0), cos])[:, None, :])
+
+
+def _rope_rotate(t: jax.Array, token_rope: tuple[jax.Array, jax.Array]) -> jax.Array:
+  """t * cos + rotate_half(t) * sin, in float32. t: [B, N, heads, head_dim]; token_rope from _token_rope."""
+  sin, cos = token_rope
+  t32 = t.astype(jnp.float32)
+  # rotate_half (-second half, first half) as a reversal of the two halves times a sign: fuses elementwise.
+  halves = t32.reshape(*t.shape[:-1], 2, t.shape[-1] // 2)
+  rotated = (halves[..., ::-1, :] * jnp.array([[-1.0], [1.0]], jnp.float32)).reshape(t.shape)
+  return (t32 * cos + rotated * sin).astype(t.dtype)
 
 
 def _attention(x: jax.Array, attn: Params, cfg: ViTConfig, key_bias: jax.Array | None, rope, dtype,
                attention_loop: str):
   """Multi-head self-attention. x: [B, N, D]; key_bias: [B, N] additive logit bias or None;
-  rope: (sin, cos) of the patch tokens (see rope_sincos) or None; attention_loop: see encode.
+  rope: (sin, cos) of every token (see _token_rope) or None; attention_loop: see encode.
 
   Returns:
     (out [B, N, D], (q, k, v) each [B, N, D], before RoPE).
@@ -123,8 +134,7 @@ def _attention(x: jax.Array, attn: Params, cfg: ViTConfig, key_bias: jax.Array |
   heads = lambda t: t.reshape(batch, tokens, cfg.num_heads, cfg.head_dim)
   q_heads, k_heads = heads(q), heads(k)
   if rope is not None:
-    first_patch = 1 + cfg.num_registers
-    q_heads, k_heads = _rope_rotate(q_heads, rope, first_patch), _rope_rotate(k_heads, rope, first_patch)
+    q_heads, k_heads = _rope_rotate(q_heads, rope), _rope_rotate(k_heads, rope)
   operands = (q_heads * jnp.asarray(cfg.head_dim ** -0.5, dtype), k_heads, heads(v), key_bias)
   if attention_loop == "map" or (attention_loop == "auto" and jax.default_backend() == "cpu"):
     # One image at a time keeps the [heads, N, N] logits in cache: ~3x faster than batched on CPU.
@@ -222,7 +232,9 @@ def encode(params: Params, images: jax.Array, cfg: ViTConfig, *, dtype=jnp.float
 
   grid = lambda t: t[:, first_patch:].reshape(batch, h, w, -1).astype(jnp.float32)
   x = embed(params, images, cfg)
-  rope = rope_sincos(params["rope_periods"], (h, w)) if cfg.pos_scheme == "rope" else None
+  rope = None
+  if cfg.pos_scheme == "rope":
+    rope = _token_rope(rope_sincos(params["rope_periods"], (h, w)), first_patch)
   blocks_out = {}
   for index in range(cfg.depth):
     block = jax.tree.map(lambda a, i=index: a[i], params["blocks"])
@@ -235,7 +247,7 @@ def encode(params: Params, images: jax.Array, cfg: ViTConfig, *, dtype=jnp.float
   last_q = q[:, 0].reshape(batch, cfg.num_heads, cfg.head_dim).astype(jnp.float32)
   last_k = k.reshape(batch, -1, cfg.num_heads, cfg.head_dim).astype(jnp.float32)
   if rope is not None:
-    last_k = _rope_rotate(last_k, rope, first_patch)
+    last_k = _rope_rotate(last_k, rope)
   cls_logits = jnp.einsum("bhd,bkhd->bhk", last_q * cfg.head_dim ** -0.5, last_k,
                           precision=jax.lax.Precision.HIGHEST)
   if key_bias is not None:
