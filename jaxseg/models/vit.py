@@ -33,8 +33,10 @@ class ViTOutput:
     cls: [B, D] CLS token after the final LayerNorm.
     patch_tokens: [B, h, w, D] patch tokens after the final LayerNorm.
     registers: [B, R, D] register tokens after the final LayerNorm (R may be 0).
-    q, k, v: [B, h, w, D] last block's patch projections feeding attention, heads concatenated.
-    cls_attention: [B, heads, h, w] last block's softmax attention from CLS to each patch.
+    q, k, v: [B, h, w, D] last block's patch projections feeding attention, heads concatenated;
+      for DINOv3 before RoPE (the patch content: after it, key similarity depends on position).
+    cls_attention: [B, heads, h, w] last block's softmax attention from CLS to each patch, as the
+      model computes it (after RoPE for DINOv3).
     blocks: {block_index: {"q", "k", "v", "tokens"}} each [B, h, w, D], for the requested
       blocks; tokens are that block's output patch tokens, before the final LayerNorm.
   """
