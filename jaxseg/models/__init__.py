@@ -1,4 +1,4 @@
-"""DINO and DINOv2 Vision Transformers in JAX (`encode`) and as a Flax linen module (`ViT`), with checkpoint conversion."""
+"""DINO, DINOv2 and DINOv3 Vision Transformers in JAX (`encode`) and as a Flax linen module (`ViT`), with checkpoint conversion."""
 
 from jaxseg.models.checkpoint import RefusedPickleError, read_state_dict, save_params
 from jaxseg.models.config import VARIANTS, ViTConfig, get_variant
