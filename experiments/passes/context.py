@@ -50,7 +50,7 @@ class RunContext:
   seed: int = 0  # the seed-dependent passes' seed (one of config.seeds); the weights' init uses config.seed
   shared: pathlib.Path | None = None  # with config.seeds: the run's workdir (features/), workdir = seeds/<seed>
   fingerprints: dict = dataclasses.field(default_factory=dict)  # pass name -> fingerprint
-  field_digests: dict = dataclasses.field(default_factory=dict)  # pass name -> digest of its config fields only
+  field_digests: dict = dataclasses.field(default_factory=dict)  # pass name -> digest of its fields and code
   effective: dict = dataclasses.field(default_factory=dict)  # values used where the config asked for more
   timings: dict = dataclasses.field(default_factory=dict)  # pass name -> seconds (kept by the engine)
   _model: tuple | None = None
@@ -172,8 +172,9 @@ class RunContext:
     return self.on_devices(PatchFeatures(valid=arrays["valid"], **fields)), arrays
 
   def feature_batches(self, *members: str):
-    """A callable giving a fresh iterator of (chunk, PatchFeatures) over the split (framework.compose's `batches`)."""
-    return lambda: ((c, self.features(c, *members)[0]) for c in range(self.num_chunks))
+    """A callable giving a fresh iterator of (first position, PatchFeatures) over the split (framework.compose's
+    `batches`): chunk c's first image is at c * batch_size."""
+    return lambda: ((c * self.config.batch_size, self.features(c, *members)[0]) for c in range(self.num_chunks))
 
 
 def recorded_fingerprint(path: pathlib.Path) -> str | None:
