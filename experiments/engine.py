@@ -11,7 +11,9 @@ fields, code hashes and inputs (to say what changed) and whether it completed:
     fingerprint changed             recompute        outputs deleted first (a kill then recomputes again)
     no manifest                     compute          nothing was made before
 
-so a changed pass and everything downstream of it runs, and nothing else. The engine also owns the workdir
+so a changed pass and everything downstream of it runs, and nothing else. A completed pass's manifest also
+records the size and checksum of each of its files; a start checks them before it reuses the pass, and a
+damaged file (truncated, overwritten) is deleted and remade alone (the pass resumes). The engine also owns the workdir
 lock (for the whole run), the stale temp-file cleanup (under the lock), and the multi-host choreography:
 process 0 plans and writes the manifests; per-chunk passes run on every process between barriers;
 dataset-wide passes run on process 0 alone (so they must not call collectives such as ctx.params()),
@@ -106,6 +108,35 @@ def _reason(previous: dict, fields: dict, code: dict, inputs: dict, roots: dict[
   return "; ".join(reasons) or "fingerprint changed"
 
 
+def _files(p, ctx: RunContext) -> list[pathlib.Path]:
+  """The files a pass wrote: its units and its outputs that are files."""
+  return [*p.units(ctx), *(path for path in (ctx.workdir / o for o in p.outputs) if path.is_file())]
+
+
+def _name(ctx: RunContext, path: pathlib.Path) -> str:
+  return str(path.relative_to(ctx.workdir)) if path.is_relative_to(ctx.workdir) else str(path)
+
+
+def _checksum(path: pathlib.Path) -> str:
+  with open(path, "rb") as f:
+    return hashlib.file_digest(f, "sha256").hexdigest()[:16]
+
+
+def _record(p, ctx: RunContext) -> dict[str, list]:
+  """{file: [size, checksum]} of every file of a completed pass."""
+  return {_name(ctx, path): [path.stat().st_size, _checksum(path)] for path in _files(p, ctx) if path.exists()}
+
+
+def _damaged(p, ctx: RunContext, recorded: dict[str, list]) -> list[pathlib.Path]:
+  """The pass's files that exist but differ from their record (size first, then checksum)."""
+  damaged = []
+  for path in _files(p, ctx):
+    size, checksum = recorded.get(_name(ctx, path), (None, None))
+    if size is not None and path.exists() and (path.stat().st_size != size or _checksum(path) != checksum):
+      damaged.append(path)
+  return damaged
+
+
 def _delete(ctx: RunContext, outputs: Sequence[str]) -> None:
   for output in outputs:
     path = ctx.workdir / output
@@ -132,8 +163,16 @@ def plan(graph, ctx: RunContext, roots: dict[str, Root]) -> dict[str, tuple[str,
     same = previous is not None and previous.get("fingerprint") == fingerprint
     missing = [str(path.relative_to(ctx.workdir)) for path in [ctx.workdir / o for o in p.outputs] + p.units(ctx)
                if not path.exists()]
+    damaged = _damaged(p, ctx, previous.get("files", {})) if same and previous.get("complete") else []
     if p.always:
       action, reason = "run", "always"
+    elif damaged:  # deleted below, then remade alone as missing units
+      action, reason = "resume", f"{', '.join(_name(ctx, d) for d in damaged[:3])}{' ...' * (len(damaged) > 3)} damaged"
+      for path in damaged:
+        logging.warning("pass %s: %s is damaged (its size or checksum differs from the manifest): remaking it",
+                        p.name, path)
+        if ctx.is_main:
+          path.unlink(missing_ok=True)
     elif same and previous.get("complete") and not missing:
       action, reason = "reuse", ""
     elif same and missing:  # deleted by hand: its units are checked one by one
@@ -178,7 +217,8 @@ def execute(graph, ctx: RunContext, roots: dict[str, Root]) -> dict[str, tuple[s
       ctx.timings[p.name] = seconds if p.always else ctx.timings.get(p.name, 0.0) + seconds
       common.save_json(timings_path, ctx.timings)
       manifest = _read(_manifest_path(ctx, p.name))
-      common.save_json(_manifest_path(ctx, p.name), {**manifest, "complete": True})
+      files = {} if p.always else _record(p, ctx)
+      common.save_json(_manifest_path(ctx, p.name), {**manifest, "files": files, "complete": True})
     if os.environ.get(KILL_AFTER) == p.name:
       os.kill(os.getpid(), signal.SIGKILL)
   return decisions

@@ -71,10 +71,21 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict:
   """Runs (or resumes, or updates) the method on config.data; returns the metrics written to workdir/metrics.json.
 
   Raises:
-    UserError: a config or workdir that cannot make a run (before any data or weights are read), an empty split.
+    UserError: a config or workdir that cannot make a run (before any data or weights are read), an empty split,
+      a workdir that cannot be written (a full disk, permissions): its message names the path.
   """
   workdir = pathlib.Path(workdir).expanduser()
   validation.validate(config, workdir)
+  try:
+    return _run(config, workdir)
+  except OSError as e:
+    if e.filename is None or not pathlib.Path(e.filename).absolute().is_relative_to(workdir.absolute()):
+      raise
+    raise UserError(f"cannot write {e.filename}: {e.strerror or e} (free space or permissions under the workdir "
+                    f"{workdir}); every file is written whole or not at all, so a rerun resumes") from e
+
+
+def _run(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict:
   with distributed.guard():
     method = method_config(config)
     source = _load_source(config)
