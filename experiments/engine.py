@@ -89,6 +89,11 @@ def _read(path: pathlib.Path) -> dict | None:
     return None
 
 
+def recorded_root(workdir: pathlib.Path, name: str, root: str):
+  """The record of root `root` in pass `name`'s manifest (what an earlier start saw), or None."""
+  return ((_read(workdir / MANIFESTS / f"{name}.json") or {}).get("records") or {}).get(root)
+
+
 def _changed(now: dict, before: dict) -> list[str]:
   return sorted(k for k in now.keys() | before.keys() if now.get(k) != before.get(k))
 

@@ -19,7 +19,8 @@ from experiments.passes import report
 from experiments.passes.context import RunContext
 from jaxseg.framework import MethodConfig
 
-SOURCE = "source"
+SOURCE = "source"  # the images (ids, sizes, content hashes): experiments/passes/source.py
+LABELS = "labels"  # their label maps' hashes
 
 
 @dataclasses.dataclass(frozen=True)
@@ -28,7 +29,7 @@ class Pass:
 
   Attributes:
     name: also its key in fingerprints, timings and the workdir's manifests/.
-    inputs: passes it reads (earlier in the graph), or SOURCE for the images themselves.
+    inputs: passes it reads (earlier in the graph), or the roots SOURCE (the images) and LABELS.
     fields: ctx -> {dotted config name: value} of every config value its outputs depend on.
     outputs: workdir paths (folders or files) it writes; deleted when its fingerprint changes.
     run: ctx -> None; writes the outputs, skipping units already current (a resumed run).
@@ -92,7 +93,7 @@ SEGMENT = (
     Pass(image_level.NAME, ("features", levels.DATASET, levels.CATEGORY), _with_unclaimed(image_level.fields),
          ("margins",), image_level.run, per_chunk=True, units=_chunks("margins"),
          code=(*_LEVELS, "jaxseg/framework/fusion.py", "experiments/passes/image_level.py")),
-    Pass(refinement.NAME, (SOURCE, image_level.NAME), refinement.fields, ("masks", "fg_stats"), refinement.run,
+    Pass(refinement.NAME, (SOURCE, LABELS, image_level.NAME), refinement.fields, ("masks", "fg_stats"), refinement.run,
          per_chunk=True, units=lambda ctx: _chunks("fg_stats")(ctx) + _per_image("masks")(ctx), code=_REFINE),
     Pass(labeling.DESCRIPTORS, (SOURCE, "features", refinement.NAME), _with_unclaimed(labeling.descriptor_fields),
          ("descriptors",), labeling.run_descriptors, per_chunk=True, units=_chunks("descriptors"),
@@ -102,6 +103,6 @@ SEGMENT = (
     Pass(labeling.PREDICTIONS, (refinement.NAME, labeling.CLASSES), labeling.prediction_fields, ("predictions",),
          labeling.run_predictions, per_chunk=True, units=_per_image("predictions"),
          code=("jaxseg/viz.py", *_LABELING)),
-    Pass(report.NAME, (SOURCE, refinement.NAME, labeling.PREDICTIONS), report.fields,
+    Pass(report.NAME, (SOURCE, LABELS, refinement.NAME, labeling.PREDICTIONS), report.fields,
          ("metrics.json", "gallery.html", "gallery"), report.run, always=True),
 )
