@@ -24,11 +24,18 @@ Memory: at most batch_size images' block outputs, plus probe.samples x
 Disk, while a backbone runs: N x h x w x D float16 (VOC val, ViT-B/14 at 448:
 2.3 GB; ViT-B/8: 7 GB).
 
-Workdir layout (a restart skips finished backbones):
+Each backbone is a pass of experiments/engine.py, as the segment runner's passes: its fingerprint covers
+the config fields that change its results, the code it runs (analysis.py and the jaxseg modules of _CODE)
+and the content of both splits (images and labels, experiments/passes/source.py), so a rerun reuses a
+backbone exactly when nothing it depends on changed and recomputes it otherwise; its files' sizes and
+checksums are checked before reuse; the workdir is locked while the analysis runs.
 
-    backbones/<name>.json        rows and framework scores of a finished backbone, with the settings used
+Workdir layout:
+
+    backbones/<name>.json        rows and framework scores of a finished backbone
     backbones/<name>.npz         CLS attention and 2-means masks of the first figure_images images
-    backbones/<name>.features.npy  float16 cache of the method's feature while a backbone runs (then deleted)
+    backbones/.<name>.features.tmp  float16 cache of the method's feature while a backbone runs (then deleted)
+    manifests/                   the engine's fingerprints and decisions (last_start.json)
     analysis.csv, analysis.md    one row per (backbone, layer, feature)
     figures/heatmap_<name>.png   block x feature heat map of every score
     figures/examples.png         per image: the image, the ground truth, per backbone CLS attention and 2-means
@@ -56,16 +63,23 @@ import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
 
 import jaxseg.data
 from experiments import common
+from experiments import engine
 from experiments.errors import UserValueError
+from experiments.passes import Pass
+from experiments.passes import source as source_pass
+from experiments.passes.context import RunContext
+from experiments.passes.context import digest
 from jaxseg import models
 from jaxseg.cluster.stream import reservoir_add
 from jaxseg.cluster.stream import reservoir_init
+from jaxseg.cluster.stream import reservoir_sorted
 from jaxseg.framework import probe
 from jaxseg.framework.config import MethodConfig
 from jaxseg.framework.features import PatchFeatures
 from jaxseg.framework.features import border_patches
 from jaxseg.framework.features import patch_features
 from jaxseg.framework.features import unit_length
+from jaxseg.framework.levels import patch_ids
 from jaxseg.framework.compose import segment_features
 
 FEATURES = ("q", "k", "v", "tokens", "cls-attention")
@@ -73,8 +87,14 @@ SCORES = ("two_means_prior_iou", "two_means_oracle_iou", "probe_accuracy", "prob
 LEVELS = ("dataset", "category", "image", "fused")
 FRAMEWORK_SCORES = tuple(f"framework_{level}_iou" for level in LEVELS)
 COLUMNS = ("backbone", "layer", "feature", *SCORES, *FRAMEWORK_SCORES)
-# Config fields that change no cached result: a restart may differ in these.
-_PRESENTATION_FIELDS = ("backbones", "figure_images", "model.cache_dir", "data.data_dir", "data.manual_dir")
+# Config fields that change no backbone's results: which backbones run, the figures, and where files are
+# (the splits' content is in their fingerprints).
+_NOT_RESULTS = ("backbones", "figure_images", "model.cache_dir", "data.data_dir", "data.manual_dir")
+# The code a backbone's pass runs (Pass.code).
+_CODE = ("experiments/analysis.py", "jaxseg/models", "jaxseg/cluster", "jaxseg/framework/probe.py",
+         "jaxseg/framework/features.py", "jaxseg/framework/levels.py", "jaxseg/framework/compose.py",
+         "jaxseg/framework/fusion.py", "jaxseg/data/images.py", "jaxseg/data/batching.py")
+SPLITS = ("scored", "probe")  # the roots of the graph: the scored split and the probe split
 
 
 @dataclasses.dataclass(frozen=True)
@@ -176,7 +196,7 @@ def fit_probes(config, backbone: Backbone, method: MethodConfig, source, count: 
   sample_key, fit_key = jax.random.split(key)
   samples = {}
   for number, batch in enumerate(_batches(config, source, count, backbone, "probe split")):
-    out, _ = _run_batch(config, backbone, method, batch)
+    out, features = _run_batch(config, backbone, method, batch)
     target, counted = _batch_labels(batch, backbone.grid, config.data.probe_split)
     labelled = jnp.asarray(counted.reshape(-1))
     label_column = jnp.asarray(target.reshape(-1, 1), jnp.float32)
@@ -185,12 +205,13 @@ def fit_probes(config, backbone: Backbone, method: MethodConfig, source, count: 
       points = jnp.concatenate([x.reshape(-1, x.shape[-1]), label_column], axis=1)
       if cell not in samples:
         samples[cell] = reservoir_init(config.probe.samples, points.shape[1])
-      # One key for every cell: priorities depend only on it, so every cell samples the same patches.
-      samples[cell] = reservoir_add(samples[cell], points, key=jax.random.fold_in(sample_key, number),
-                                    mask=labelled)
+      # One key for every cell and batch, priorities per patch id: every cell samples the same patches,
+      # whatever the batch size.
+      samples[cell] = reservoir_add(samples[cell], points, key=sample_key, mask=labelled,
+                                    ids=patch_ids(features, number * config.batch_size))
   probes = {}
   for number, cell in enumerate(tqdm.tqdm(backbone.cells, desc=f"{backbone.name}: probes", unit="cell")):
-    sample = samples[cell]
+    sample = reservoir_sorted(samples[cell])  # in an order that does not depend on the batching
     if not bool(jnp.any(sample.mask)):
       raise UserValueError(f"split {config.data.probe_split!r} has no labelled patch to fit a probe on")
     probes[cell] = probe.fit_probe(sample.points[:, :-1], sample.points[:, -1] > 0.5, sample.mask,
@@ -235,7 +256,8 @@ def score_split(config, backbone: Backbone, method: MethodConfig, probes: dict, 
     patch_valid = features.valid.reshape(len(target), -1)
     border = border_patches(features.valid).reshape(patch_valid.shape)
     patch_attention = features.attention.reshape(patch_valid.shape)
-    batch_key = jax.random.fold_in(two_means_key, number)
+    positions = number * config.batch_size + np.arange(len(target))  # each image's 2-means keyed by the image
+    batch_key = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(two_means_key, jnp.asarray(positions))
     for cell in backbone.cells:
       x = _cell_features(out, cell)
       result = two_means(x, patch_valid, border, patch_attention, target, counted, key=batch_key, metric=cell.metric)
@@ -307,7 +329,7 @@ def backbone_rows(name: str, backbone: Backbone, method: MethodConfig, scored: d
 def _settings(config: ml_collections.ConfigDict) -> dict:
   """{dotted field: value} of every config field that changes a backbone's results."""
   return {name: value for name, value in common.config_items(json.loads(config.to_json()))
-          if name not in _PRESENTATION_FIELDS}
+          if name not in _NOT_RESULTS}
 
 
 def _load(data, split: str):
@@ -323,24 +345,15 @@ def _count(source, limit: int, split: str, name: str) -> int:
 
 
 def analyze_backbone(config, name: str, workdir: pathlib.Path, method: MethodConfig, sources, counts,
-                     key: jax.Array) -> list[dict]:
-  """Runs (or loads from workdir/backbones) one backbone's analysis; returns its CSV rows."""
+                     key: jax.Array) -> None:
+  """Computes one backbone's analysis into workdir/backbones/<name>.json (CSV rows) and .npz (examples)."""
   result_path = workdir / "backbones" / f"{name}.json"
-  if result_path.exists():
-    saved = json.loads(result_path.read_text())
-    if saved["settings"] != _settings(config):
-      changed = sorted(k for k in set(saved["settings"]) | set(_settings(config))
-                       if saved["settings"].get(k) != _settings(config).get(k))
-      raise UserValueError(f"{result_path} was computed with other settings (fields {changed} differ); use a new "
-                       "--workdir, or the config of that run")
-    logging.info("%s: already analysed, reusing %s", name, result_path)
-    return saved["rows"]
   params, vit = models.load_params(config.model.weights, name, seed=config.seed,
                                    cache_dir=config.model.cache_dir or None)
   backbone = Backbone(name, params, vit, cells(config, vit, name), side=config.image_size // vit.patch_size)
   probe_key, score_key = jax.random.split(key)
   probes = fit_probes(config, backbone, method, sources["probe"], counts["probe"], probe_key)
-  cache_path = workdir / "backbones" / f"{name}.features.npy"
+  cache_path = workdir / "backbones" / f".{name}.features.tmp"  # a killed run's is removed by the next start
   try:
     scored = score_split(config, backbone, method, probes, sources["scored"], counts["scored"], score_key,
                          cache_path)
@@ -348,8 +361,24 @@ def analyze_backbone(config, name: str, workdir: pathlib.Path, method: MethodCon
     cache_path.unlink(missing_ok=True)
   rows = backbone_rows(name, backbone, method, scored)
   common.save_npz(workdir / "backbones" / f"{name}.npz", **scored["examples"])
-  common.save_json(result_path, dict(settings=_settings(config), rows=rows, framework=scored["framework"]))
-  return rows
+  common.save_json(result_path, dict(rows=rows, framework=scored["framework"]))
+
+
+def _split_root(config, split: str, source, count: int) -> engine.Root:
+  """A split as a root of the graph: its images' content and labels (experiments/passes/source.py)."""
+  images = source_pass.describe(source, count)
+  return engine.Root(digest([split, source_pass.fingerprint(config, images), source_pass.label_fingerprint(images)]),
+                     images, lambda old: source_pass.changes(old, images, identity=lambda e: {**e, "file": None}))
+
+
+def backbone_pass(config, name: str, method: MethodConfig, sources, counts, key: jax.Array) -> Pass:
+  """One backbone's analysis as a pass of the engine (its name: backbone_<name>)."""
+  # Keyed by name, not position: a backbone's scores do not depend on the rest of the list.
+  backbone_key = jax.random.fold_in(key, zlib.crc32(name.encode()) & 0x7FFFFFFF)
+  return Pass(f"backbone_{name}", SPLITS, lambda ctx: {**_settings(config), "backbone": name},
+              (f"backbones/{name}.json", f"backbones/{name}.npz"),
+              lambda ctx: analyze_backbone(config, name, ctx.workdir, method, sources, counts, backbone_key),
+              code=_CODE)
 
 
 def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> list[dict]:
@@ -370,23 +399,30 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> list[
   if config.data.split == config.data.probe_split:
     logging.warning("data.probe_split == data.split (%r): the probe is scored on the patches it was fitted on",
                     config.data.split)
-  workdir.mkdir(parents=True, exist_ok=True)
-  for stale in workdir.rglob(".*.tmp"):  # left by a killed run's atomic writes
-    stale.unlink()
-  common.save_json(workdir / "config.json", json.loads(config.to_json()))
+  roots = {split: _split_root(config, getattr(config.data, "split" if split == "scored" else "probe_split"),
+                              sources[split], counts[split]) for split in SPLITS}
   key = jax.random.key(config.seed)
-  rows = []
-  for name in config.backbones:
-    # Keyed by name, not position: a backbone's scores do not depend on the rest of the list.
-    backbone_key = jax.random.fold_in(key, zlib.crc32(name.encode()) & 0x7FFFFFFF)
-    rows += analyze_backbone(config, name, workdir, method, sources, counts, backbone_key)
+  graph = [backbone_pass(config, name, method, sources, counts, key) for name in config.backbones]
+  ctx = RunContext(config=config, workdir=workdir, method=method, source=None, images=[], vit=None, key=key,
+                   mesh=None)
+  with engine.session(workdir, is_main=True):
+    common.save_json(workdir / "config.json", json.loads(config.to_json()))
+    engine.execute(graph, ctx, roots)
+    rows = [row for name in config.backbones
+            for row in json.loads((workdir / "backbones" / f"{name}.json").read_text())["rows"]]
+    _write_report(workdir, config, rows, counts, sources["scored"], method)
+  return rows
+
+
+def _write_report(workdir: pathlib.Path, config, rows: list[dict], counts: dict, scored_source,
+                  method: MethodConfig) -> None:
+  """analysis.csv, analysis.md and the figures of the backbones in the config."""
   write_csv(workdir / "analysis.csv", rows)
   common.atomic_write_bytes(workdir / "analysis.md", markdown(rows, config, counts).encode())
   for name in config.backbones:
     save_figure(workdir / "figures" / f"heatmap_{name}.png", heatmaps([r for r in rows if r["backbone"] == name]))
   examples = {name: common.load_npz(workdir / "backbones" / f"{name}.npz") for name in config.backbones}
-  save_figure(workdir / "figures" / "examples.png", example_grid(sources["scored"], examples, method.feature))
-  return rows
+  save_figure(workdir / "figures" / "examples.png", example_grid(scored_source, examples, method.feature))
 
 
 # ---- the report --------------------------------------------------------------------------------------

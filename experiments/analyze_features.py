@@ -19,7 +19,6 @@ from absl import logging
 from experiments import analysis
 from experiments import errors
 from experiments import validation
-from experiments import workdir_lock
 from experiments.common import load_config_file
 
 _DEFAULT_CONFIG = pathlib.Path(__file__).resolve().parents[1] / "configs" / "analyze_voc.py"
@@ -38,8 +37,7 @@ def main(argv):
   validation.validate(_CONFIG.value, _WORKDIR.value)
   logging.info("workdir: %s", _WORKDIR.value)
   logging.info("config:\n%s", _CONFIG.value)
-  with workdir_lock.hold(_WORKDIR.value):  # analysis.run removes stale temp files: only under the lock
-    rows = analysis.run(_CONFIG.value, _WORKDIR.value)
+  rows = analysis.run(_CONFIG.value, _WORKDIR.value)  # holds the workdir's lock while it runs
   logging.info("done: %d rows; see %s/analysis.md and figures/", len(rows), _WORKDIR.value)
 
 

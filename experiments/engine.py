@@ -1,15 +1,19 @@
 """The engine: runs a graph of passes over a workdir, recomputing exactly what changed.
 
-Every pass's fingerprint is a hash of its config fields' values and its inputs' fingerprints (the source's
-covers the images). workdir/manifests/<pass>.json records the fingerprint a pass's outputs were made under,
-its fields and inputs (to say what changed) and whether it completed:
+Every pass's fingerprint is a hash of its config fields' values, of the source code it runs (Pass.code: each
+file's contents, so an edit recomputes what it touches) and of its inputs' fingerprints (the source's covers
+the images). workdir/manifests/<pass>.json records the fingerprint a pass's outputs were made under, its
+fields, code hashes and inputs (to say what changed) and whether it completed:
 
     fingerprint equal, complete     reuse            the outputs are those of the current inputs
     fingerprint equal, incomplete   resume           its units carry the fingerprint: current ones are kept
       (or outputs missing)
     fingerprint changed             recompute        outputs deleted first (a kill then recomputes again)
+    no manifest                     compute          nothing was made before
 
-so a changed pass and everything downstream of it runs, and nothing else. The engine also owns the workdir
+so a changed pass and everything downstream of it runs, and nothing else. A completed pass's manifest also
+records the size and checksum of each of its files; a start checks them before it reuses the pass, and a
+damaged file (truncated, overwritten) is deleted and remade alone (the pass resumes). The engine also owns the workdir
 lock (for the whole run), the stale temp-file cleanup (under the lock), and the multi-host choreography:
 process 0 plans and writes the manifests; per-chunk passes run on every process between barriers;
 dataset-wide passes run on process 0 alone (so they must not call collectives such as ctx.params()),
@@ -18,6 +22,7 @@ A test hook, JAXSEG_TEST_KILL_AFTER=<pass>, SIGKILLs the process right after tha
 """
 
 import contextlib
+import hashlib
 import json
 import os
 import pathlib
@@ -37,6 +42,23 @@ from experiments.passes.context import digest
 
 MANIFESTS = "manifests"
 KILL_AFTER = "JAXSEG_TEST_KILL_AFTER"
+ROOT = pathlib.Path(__file__).resolve().parents[1]  # the repository (or installed tree) Pass.code globs are in
+
+
+def code_hashes(globs: Sequence[str], root: pathlib.Path = ROOT) -> dict[str, str]:
+  """{path relative to root: sha256 prefix of its bytes} of every file the globs name (a folder: its .py files).
+
+  Raises:
+    ValueError: a glob that names no file (a module renamed without its pass's declaration).
+  """
+  files = set()
+  for pattern in globs:
+    matched = [path for path in root.glob(pattern) if path.name != "__pycache__"]
+    if not matched:
+      raise ValueError(f"code_hashes: {pattern!r} names no file under {root}")
+    for path in matched:
+      files.update(path.rglob("*.py") if path.is_dir() else [path])
+  return {str(path.relative_to(root)): hashlib.sha256(path.read_bytes()).hexdigest()[:16] for path in sorted(files)}
 
 
 class Root(NamedTuple):
@@ -67,19 +89,57 @@ def _read(path: pathlib.Path) -> dict | None:
     return None
 
 
-def _reason(previous: dict | None, fields: dict, inputs: dict, roots: dict[str, Root]) -> str:
-  if previous is None:
-    return "no earlier run"
+def recorded_root(workdir: pathlib.Path, name: str, root: str):
+  """The record of root `root` in pass `name`'s manifest (what an earlier start saw), or None."""
+  return ((_read(workdir / MANIFESTS / f"{name}.json") or {}).get("records") or {}).get(root)
+
+
+def _changed(now: dict, before: dict) -> list[str]:
+  return sorted(k for k in now.keys() | before.keys() if now.get(k) != before.get(k))
+
+
+def _reason(previous: dict, fields: dict, code: dict, inputs: dict, roots: dict[str, Root]) -> str:
   reasons = []
-  changed = sorted(k for k in fields.keys() | previous.get("fields", {}).keys()
-                   if fields.get(k) != previous["fields"].get(k))
+  changed = _changed(fields, previous.get("fields", {}))
   if changed:
     reasons.append(f"config {', '.join(changed)} changed")
+  changed = _changed(code, previous.get("code", {}))
+  if changed:
+    reasons.append(f"code {', '.join(changed[:3])}{' ...' if len(changed) > 3 else ''} changed")
   for name, fingerprint in inputs.items():
     if previous.get("inputs", {}).get(name) != fingerprint:
       reasons.append(f"{name} changed" + (f": {roots[name].explain(previous.get('records', {}).get(name))}"
                                           if name in roots else ""))
   return "; ".join(reasons) or "fingerprint changed"
+
+
+def _files(p, ctx: RunContext) -> list[pathlib.Path]:
+  """The files a pass wrote: its units and its outputs that are files."""
+  return [*p.units(ctx), *(path for path in (ctx.workdir / o for o in p.outputs) if path.is_file())]
+
+
+def _name(ctx: RunContext, path: pathlib.Path) -> str:
+  return str(path.relative_to(ctx.workdir)) if path.is_relative_to(ctx.workdir) else str(path)
+
+
+def _checksum(path: pathlib.Path) -> str:
+  with open(path, "rb") as f:
+    return hashlib.file_digest(f, "sha256").hexdigest()[:16]
+
+
+def _record(p, ctx: RunContext) -> dict[str, list]:
+  """{file: [size, checksum]} of every file of a completed pass."""
+  return {_name(ctx, path): [path.stat().st_size, _checksum(path)] for path in _files(p, ctx) if path.exists()}
+
+
+def _damaged(p, ctx: RunContext, recorded: dict[str, list]) -> list[pathlib.Path]:
+  """The pass's files that exist but differ from their record (size first, then checksum)."""
+  damaged = []
+  for path in _files(p, ctx):
+    size, checksum = recorded.get(_name(ctx, path), (None, None))
+    if size is not None and path.exists() and (path.stat().st_size != size or _checksum(path) != checksum):
+      damaged.append(path)
+  return damaged
 
 
 def _delete(ctx: RunContext, outputs: Sequence[str]) -> None:
@@ -100,32 +160,42 @@ def plan(graph, ctx: RunContext, roots: dict[str, Root]) -> dict[str, tuple[str,
   fingerprints = {name: root.fingerprint for name, root in roots.items()}
   decisions = {}
   for p in graph:
-    fields = p.fields(ctx)
+    fields, code = p.fields(ctx), code_hashes(p.code)
     inputs = {name: fingerprints[name] for name in p.inputs}
-    ctx.field_digests[p.name] = digest([p.name, fields])
+    ctx.field_digests[p.name] = digest([p.name, fields, code])
     fingerprint = fingerprints[p.name] = ctx.fingerprints[p.name] = digest([ctx.field_digests[p.name], inputs])
     previous = _read(_manifest_path(ctx, p.name))
     same = previous is not None and previous.get("fingerprint") == fingerprint
     missing = [str(path.relative_to(ctx.workdir)) for path in [ctx.workdir / o for o in p.outputs] + p.units(ctx)
                if not path.exists()]
+    damaged = _damaged(p, ctx, previous.get("files", {})) if same and previous.get("complete") else []
     if p.always:
       action, reason = "run", "always"
+    elif damaged:  # deleted below, then remade alone as missing units
+      action, reason = "resume", f"{', '.join(_name(ctx, d) for d in damaged[:3])}{' ...' * (len(damaged) > 3)} damaged"
+      for path in damaged:
+        logging.warning("pass %s: %s is damaged (its size or checksum differs from the manifest): remaking it",
+                        p.name, path)
+        if ctx.is_main:
+          path.unlink(missing_ok=True)
     elif same and previous.get("complete") and not missing:
       action, reason = "reuse", ""
     elif same and missing:  # deleted by hand: its units are checked one by one
       action, reason = "resume", f"{', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''} missing"
     elif same:
       action, reason = "resume", "an earlier run stopped in it"
+    elif previous is None:
+      action, reason = "compute", "no previous output"
     else:
-      action, reason = "recompute", _reason(previous, fields, inputs, roots)
+      action, reason = "recompute", _reason(previous, fields, code, inputs, roots)
     decisions[p.name] = (action, reason)
     if ctx.is_main and action != "reuse":
-      if action == "recompute" and not p.keeps_units:
+      if action in ("compute", "recompute") and not p.keeps_units:  # "compute": outputs of a lost manifest
         _delete(ctx, p.outputs)
         ctx.timings.pop(p.name, None)
       records = {name: roots[name].record for name in p.inputs if name in roots}
-      common.save_json(_manifest_path(ctx, p.name), dict(fingerprint=fingerprint, fields=fields, inputs=inputs,
-                                                         records=records, complete=False))
+      common.save_json(_manifest_path(ctx, p.name), dict(fingerprint=fingerprint, fields=fields, code=code,
+                                                         inputs=inputs, records=records, complete=False))
   return decisions
 
 
@@ -152,7 +222,8 @@ def execute(graph, ctx: RunContext, roots: dict[str, Root]) -> dict[str, tuple[s
       ctx.timings[p.name] = seconds if p.always else ctx.timings.get(p.name, 0.0) + seconds
       common.save_json(timings_path, ctx.timings)
       manifest = _read(_manifest_path(ctx, p.name))
-      common.save_json(_manifest_path(ctx, p.name), {**manifest, "complete": True})
+      files = {} if p.always else _record(p, ctx)
+      common.save_json(_manifest_path(ctx, p.name), {**manifest, "files": files, "complete": True})
     if os.environ.get(KILL_AFTER) == p.name:
       os.kill(os.getpid(), signal.SIGKILL)
   return decisions

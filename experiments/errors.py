@@ -12,10 +12,15 @@ A user error is:
   - a bad command line: a config typo, a value of the wrong type, a missing --workdir, stray arguments.
 Anything else is a bug and ends with its traceback, as before. --verbosity=1 (or -v 1) prints the
 traceback of a user error too, before its line.
+
+SIGTERM and SIGINT (Ctrl-C) end a binary with one line, `stopped by SIGTERM: ...`, and exit code 143 or 130
+(128 + the signal): the signal is raised as an exception in the main thread, so context managers (the
+workdir lock) release on the way out and no half-written file is left.
 """
 
 import difflib
 import re
+import signal
 import sys
 import traceback
 
@@ -40,6 +45,18 @@ class UserError(Exception):
 
 class UserValueError(UserError, ValueError):
   """A UserError that is also a ValueError, for runners that research code calls and catches ValueError from."""
+
+
+class Stopped(BaseException):
+  """A SIGTERM or SIGINT received by a binary (a BaseException: no `except Exception` swallows it)."""
+
+  def __init__(self, signum: int):
+    super().__init__(signal.Signals(signum).name)
+    self.exit_code = 128 + signum
+
+
+def _stop(signum, frame):  # noqa: ARG001 - the signal module's handler signature
+  raise Stopped(signum)
 
 
 def one_line(text: str) -> str:
@@ -158,8 +175,14 @@ def run_main(main) -> None:
   """app.run(main), with every user error (module docstring) ending in one line and exit code 2."""
 
   def handled(argv):
+    for signum in (signal.SIGTERM, signal.SIGINT):
+      signal.signal(signum, _stop)
     try:
       return main(argv)
+    except Stopped as e:
+      print(f"stopped by {e}: the workdir is released; the same command resumes where this run stopped",
+            file=sys.stderr, flush=True)
+      sys.exit(e.exit_code)
     except Exception as e:  # noqa: BLE001 - bugs are re-raised below, with their traceback
       message = user_message(e)
       if message is None:

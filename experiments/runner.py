@@ -71,10 +71,21 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict:
   """Runs (or resumes, or updates) the method on config.data; returns the metrics written to workdir/metrics.json.
 
   Raises:
-    UserError: a config or workdir that cannot make a run (before any data or weights are read), an empty split.
+    UserError: a config or workdir that cannot make a run (before any data or weights are read), an empty split,
+      a workdir that cannot be written (a full disk, permissions): its message names the path.
   """
   workdir = pathlib.Path(workdir).expanduser()
   validation.validate(config, workdir)
+  try:
+    return _run(config, workdir)
+  except OSError as e:
+    if e.filename is None or not pathlib.Path(e.filename).absolute().is_relative_to(workdir.absolute()):
+      raise
+    raise UserError(f"cannot write {e.filename}: {e.strerror or e} (free space or permissions under the workdir "
+                    f"{workdir}); every file is written whole or not at all, so a rerun resumes") from e
+
+
+def _run(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict:
   with distributed.guard():
     method = method_config(config)
     source = _load_source(config)
@@ -88,7 +99,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict:
     if effective.num_categories < method.num_categories:
       logging.warning("method.num_categories=%d but the split has %d images: using %d categories",
                       method.num_categories, count, effective.num_categories)
-    images = source_pass.describe(source, count)
+    images = source_pass.describe(source, count, engine.recorded_root(workdir, passes.SEGMENT[0].name, passes.SOURCE))
     mesh = parallel.batch_mesh(jax.local_devices())
     ctx = RunContext(config=config, workdir=workdir, method=effective, source=source, images=images,
                      vit=models.get_variant(config.model.variant), key=jax.random.key(config.seed), mesh=mesh,
@@ -99,9 +110,10 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict:
     with engine.session(workdir, ctx.is_main):
       if ctx.is_main:
         common.save_json(workdir / "config.json", json.loads(config.to_json()))
-      root = engine.Root(source_pass.fingerprint(config, images), images,
-                         lambda old: source_pass.changes(old, images))
-      sources = {passes.SOURCE: root}
+      sources = {passes.SOURCE: engine.Root(source_pass.fingerprint(config, images), images,
+                                            lambda old: source_pass.changes(old, images)),
+                 passes.LABELS: engine.Root(source_pass.label_fingerprint(images), source_pass.labels(images),
+                                            lambda old: source_pass.label_changes(old, images))}
       if not config.seeds:
         engine.execute(passes.SEGMENT, ctx, sources)
       else:

@@ -41,6 +41,11 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
       f.flush()
       os.fsync(f.fileno())
     os.replace(tmp, path)
+  except OSError as e:
+    pathlib.Path(tmp).unlink(missing_ok=True)
+    if e.filename is None:  # a failed write or fsync (a full disk) names no file: name the one being written
+      raise OSError(e.errno, e.strerror, str(path)) from e
+    raise
   except BaseException:
     pathlib.Path(tmp).unlink(missing_ok=True)
     raise

@@ -4,8 +4,10 @@ Ground truths come from the planting (or numpy / scikit-learn), never from the c
 """
 
 import csv
+import json
 import os
 import pathlib
+import shutil
 import subprocess
 import sys
 
@@ -245,17 +247,36 @@ def test_binary_writes_csv_markdown_and_figures(analysed):
   assert not list(workdir.rglob("*.npy")) and not list(workdir.rglob(".*.tmp"))
 
 
+def _decisions(workdir) -> dict:
+  return json.loads((workdir / "manifests" / "last_start.json").read_text())
+
+
 @pytest.mark.slow
-def test_rerun_reuses_backbones_and_refuses_other_settings(analysed):
+def test_rerun_reuses_backbones_and_recomputes_after_a_config_or_code_change(analysed, tmp_path):
+  """A subset of the backbones reuses them; another two_means.n_init, or an edit of the fusion code in a copy
+  of the package, recomputes the backbone (no refusal), and equals a fresh workdir's result."""
   workdir, flags = analysed
   results = {p: p.stat().st_mtime_ns for p in (workdir / "backbones").glob("*.json")}
   csv_before = (workdir / "analysis.csv").read_text()
   _run(workdir, flags + [f"--config.backbones={BACKBONES[1:]}"])  # a subset: nothing recomputed
+  assert _decisions(workdir) == {f"backbone_{BACKBONES[1]}": ["reuse", ""]}
   assert {p: p.stat().st_mtime_ns for p in (workdir / "backbones").glob("*.json")} == results
   assert (workdir / "analysis.csv").read_text() == "".join(
       line for line in csv_before.splitlines(keepends=True) if not line.startswith(BACKBONES[0]))
-  out = _run(workdir, flags + [f"--config.backbones={BACKBONES}", "--config.two_means.n_init=2"], check=False)
-  assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr[-4000:]
-  error_lines = [line for line in out.stderr.splitlines() if line.startswith("error: ")]
-  assert len(error_lines) == 1 and "two_means" in error_lines[0] and "other settings" in error_lines[0]
-  assert {p: p.stat().st_mtime_ns for p in (workdir / "backbones").glob("*.json")} == results
+  changed = flags + [f"--config.backbones={BACKBONES[1:]}", "--config.two_means.n_init=2"]
+  _run(workdir, changed)
+  assert _decisions(workdir) == {f"backbone_{BACKBONES[1]}": ["recompute", "config two_means.n_init changed"]}
+  fresh = tmp_path / "fresh"
+  _run(fresh, changed)
+  assert (workdir / "analysis.csv").read_text() == (fresh / "analysis.csv").read_text()
+
+  code = tmp_path / "code"
+  for folder in ("jaxseg", "experiments", "configs"):
+    shutil.copytree(ROOT / folder, code / folder, ignore=shutil.ignore_patterns("__pycache__"))
+  with open(code / "jaxseg" / "framework" / "fusion.py", "a") as f:
+    f.write("# edited\n")
+  out = subprocess.run([sys.executable, "-m", "experiments.analyze_features", f"--workdir={workdir}", *changed],
+                       cwd=code, env=dict(ENV, PYTHONPATH=str(code)), capture_output=True, text=True, timeout=600)
+  assert out.returncode == 0, out.stderr[-4000:]
+  assert _decisions(workdir) == {f"backbone_{BACKBONES[1]}": ["recompute", "code jaxseg/framework/fusion.py changed"]}
+  assert (workdir / "analysis.csv").read_text() == (fresh / "analysis.csv").read_text()

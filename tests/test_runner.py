@@ -147,11 +147,42 @@ def test_folder_of_awkward_images_with_the_binary(tmp_path):
   folder = tmp_path / "photos"
   folder.mkdir()
   sizes = _awkward_folder(folder)
+  (folder / "empty.png").write_bytes(b"")
+  (folder / "notes.jpg").write_text("not an image")
+  whole = (folder / "large.jpg").read_bytes()
+  (folder / "truncated.jpg").write_bytes(whole[:len(whole) // 2])  # its header reads, its pixels do not
   workdir = tmp_path / "work"
   out = _segment(workdir, "configs/demo.py", folder, "--config.method.num_classes=2")
   assert out.returncode == 0, out.stderr[-4000:]
+  for name in ("empty.png", "notes.jpg", "truncated.jpg"):
+    assert f"Skipping unreadable image file {folder / name}" in out.stderr, name
   predictions = fixtures.read_pngs(workdir / "predictions")
   assert {name[:-4]: p.shape for name, p in predictions.items()} == sizes
   metrics = json.loads((workdir / "metrics.json").read_text())
   assert "miou" not in metrics and metrics["num_images"] == len(sizes)
+  assert metrics["skipped"] == {"count": 3, "files": [str(folder / n) for n in ("empty.png", "notes.jpg",
+                                                                               "truncated.jpg")]}
   assert 0.0 <= metrics["fg_fraction"]["refined"] <= 1.0
+
+
+def test_every_pass_names_the_code_it_runs_and_its_hashes_follow_the_files(tmp_path):
+  """Pass.code globs all match (a renamed module must be renamed in its declaration too), and code_hashes
+  hashes each file's bytes: an edit changes exactly that file's entry."""
+  from experiments import engine  # pylint: disable=g-import-not-at-top
+  from experiments import passes  # pylint: disable=g-import-not-at-top
+  for p in passes.SEGMENT:
+    hashes = engine.code_hashes(p.code)
+    assert any(path.startswith("experiments/passes/") for path in hashes) or p.always, p.name
+  image_level = next(p for p in passes.SEGMENT if p.name == "image_level")
+  assert "jaxseg/framework/fusion.py" in engine.code_hashes(image_level.code)
+  assert "jaxseg/framework/fusion.py" not in engine.code_hashes(passes.SEGMENT[0].code)  # the features
+  (tmp_path / "pkg").mkdir()
+  (tmp_path / "pkg" / "a.py").write_text("x = 1\n")
+  (tmp_path / "pkg" / "b.py").write_text("y = 2\n")
+  before = engine.code_hashes(["pkg"], root=tmp_path)
+  assert sorted(before) == ["pkg/a.py", "pkg/b.py"]
+  (tmp_path / "pkg" / "a.py").write_text("x = 2\n")
+  after = engine.code_hashes(["pkg"], root=tmp_path)
+  assert after["pkg/a.py"] != before["pkg/a.py"] and after["pkg/b.py"] == before["pkg/b.py"]
+  with pytest.raises(ValueError, match="'pkg/c\\*' names no file"):
+    engine.code_hashes(["pkg/c*"], root=tmp_path)

@@ -222,12 +222,14 @@ def _uniform_voc(root: pathlib.Path, n_val: int, size: tuple[int, int]) -> list[
 
 
 @pytest.mark.slow
-def test_runner_writes_same_outputs_on_4_devices_and_2_processes(tmp_path):
+def test_runner_writes_same_outputs_on_4_devices_2_processes_and_batches_of_2(tmp_path):
+  """sample_budget (64) below the split's 112 patches: the reservoirs, keyed per image, must not depend on
+  the batch size (3 or 2), the device count (1 or 4) or the process count (1 or 2)."""
   val_ids = _uniform_voc(tmp_path / "manual", n_val=7, size=(48, 40))  # chunks of 3, 3, 1 on 4 devices
   data = ["configs/voc_dinov2_vits14.py", f"--config.data.data_dir={tmp_path / 'tfds'}",
-          f"--config.data.manual_dir={tmp_path / 'manual'}"]
-  one, four, two = tmp_path / "one", tmp_path / "four", tmp_path / "two"
-  logs = {name: tmp_path / f"{name}.log" for name in ("one", "four", "two0", "two1")}
+          f"--config.data.manual_dir={tmp_path / 'manual'}", "--config.method.sample_budget=64"]
+  one, four, two, batch2 = tmp_path / "one", tmp_path / "four", tmp_path / "two", tmp_path / "batch2"
+  logs = {name: tmp_path / f"{name}.log" for name in ("one", "four", "two0", "two1", "batch2")}
   _wait(_start(_segment(one, *data), _env(1), logs["one"]), logs["one"])  # prepares the TFDS dataset first
   port = _free_port()
   runs = [(_start(_segment(two, *data, f"--config.distributed.coordinator_address=localhost:{port}",
@@ -236,25 +238,33 @@ def test_runner_writes_same_outputs_on_4_devices_and_2_processes(tmp_path):
   runs.append((_start(_segment(four, *data), _env(4), logs["four"]), logs["four"]))
   for process, log in runs:
     _wait(process, log)
+  _wait(_start(_segment(batch2, *data, "--config.batch_size=2"), _env(1), logs["batch2"]), logs["batch2"])
 
   reference = _pngs(one / "predictions")
   assert sorted(reference) == sorted(f"{i}.png" for i in val_ids)
   metrics = json.loads((one / "metrics.json").read_text())
-  for workdir in (four, two):
+  for workdir in (four, two, batch2):
     for folder in ("predictions", "masks"):
       got, want = _pngs(workdir / folder), _pngs(one / folder)
       assert got.keys() == want.keys(), (workdir, folder)
       for name in want:
         np.testing.assert_array_equal(got[name], want[name], err_msg=f"{workdir.name}/{folder}/{name}")
+    for name in ("dataset", "category"):
+      got, want = np.load(workdir / "levels" / f"{name}.npz"), np.load(one / "levels" / f"{name}.npz")
+      for member in ("centroids", "prototypes"):
+        # Features differ by float16 rounding between device layouts (atol 2e-3 below); samples of other patches
+        # would differ by far more.
+        np.testing.assert_allclose(got[member], want[member], atol=1e-3, err_msg=f"{workdir.name} {name} {member}")
+    got = json.loads((workdir / "metrics.json").read_text())
+    for key in ("num_images", "miou", "pixel_accuracy", "fg_iou", "fg_iou_levels"):
+      assert got[key] == pytest.approx(metrics[key], abs=1e-12), (workdir.name, key)
+  for workdir in (four, two):
     for c in range(3):
       got, want = np.load(workdir / "features" / f"{c:06d}.npz"), np.load(one / "features" / f"{c:06d}.npz")
       assert got["cls"].shape[0] == 3  # the cache holds the chunk's own images only
       np.testing.assert_array_equal(got["index"], want["index"])
       np.testing.assert_allclose(got["cls"], want["cls"], atol=1e-5)
       np.testing.assert_allclose(got["patches"].astype(np.float32), want["patches"].astype(np.float32), atol=2e-3)
-    got = json.loads((workdir / "metrics.json").read_text())
-    for key in ("num_images", "miou", "pixel_accuracy", "fg_iou", "fg_iou_levels"):
-      assert got[key] == pytest.approx(metrics[key], abs=1e-12), (workdir.name, key)
 
 
 # ---- host memory ------------------------------------------------------------------------------------

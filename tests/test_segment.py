@@ -24,6 +24,8 @@ import scipy.optimize
 
 import fixtures
 from experiments import runner
+from experiments import workdir_lock
+from experiments.errors import UserError
 from jaxseg import framework
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -198,6 +200,148 @@ def test_outputs_deleted_by_hand_are_remade(voc, clean_run, tmp_path):
   fixtures.assert_same_segmentation(workdir, clean_run, SCORES)
 
 
+def _rewrite_voc(voc, root: pathlib.Path, folder: str, edit) -> dict:
+  """A copy of the VOC fixture's manual dir under root whose files in `folder` (SegmentationClass or JPEGImages)
+  are rewritten as edit(array) at the same size; returns the data config of a fresh data_dir for it."""
+  source_root, *_ = voc
+  manual = root / "manual"
+  shutil.copytree(source_root / "manual", manual)
+  for path in sorted((manual / "VOCdevkit" / "VOC2012" / folder).iterdir()):
+    with PIL.Image.open(path) as image:
+      palette = image.getpalette() if image.mode == "P" else None
+      edited = PIL.Image.fromarray(edit(np.array(image)))
+    if palette is not None:
+      edited.putpalette(palette)
+    edited.save(path)
+  return {"data.data_dir": str(root / "tfds"), "data.manual_dir": str(manual)}
+
+
+@pytest.mark.slow
+def test_changed_labels_then_changed_images_equal_fresh_runs(voc, clean_run, tmp_path):
+  """Same ids and sizes with other masks: the labels re-score (refinement counts against them), the features
+  stay. Then other pixels in the images: the features of every image are recomputed. Each equals a fresh run.
+  A data_dir prepared from a manual_dir whose files changed since is refused, naming how to rebuild."""
+  workdir = tmp_path / "work"
+  shutil.copytree(clean_run, workdir)
+  features_before = {p.name: p.stat().st_mtime_ns for p in (workdir / "features").iterdir()}
+  other_masks = _rewrite_voc(voc, tmp_path / "masks", "SegmentationClass",
+                             lambda m: np.where(m == 255, 255, np.where(m > 0, 0, 1)).astype(np.uint8))
+  runner.run(_config(voc, **other_masks), workdir)
+  decisions = json.loads((workdir / "manifests" / "last_start.json").read_text())
+  assert decisions["refinement"] == ["recompute", "labels changed: 5 changed"]
+  assert fixtures.passes_run(workdir) == {"refinement", "descriptors", "classes", "predictions", "report"}
+  assert {p.name: p.stat().st_mtime_ns for p in (workdir / "features").iterdir()} == features_before
+  fresh = tmp_path / "fresh_masks"
+  runner.run(_config(voc, **other_masks), fresh)
+  fixtures.assert_same_segmentation(workdir, fresh, SCORES)
+  assert _metrics(workdir)["fg_iou"] != _metrics(clean_run)["fg_iou"]
+
+  other_images = _rewrite_voc(voc, tmp_path / "images", "JPEGImages", lambda image: 255 - image)
+  runner.run(_config(voc, **other_images), workdir)
+  decisions = json.loads((workdir / "manifests" / "last_start.json").read_text())
+  assert decisions["features"] == ["recompute", "source changed: 5 changed"]
+  assert fixtures.passes_run(workdir) == set(PASSES)
+  fresh = tmp_path / "fresh_images"
+  runner.run(_config(voc, **other_images), fresh)
+  fixtures.assert_same_segmentation(workdir, fresh, SCORES)
+
+  mask = next((tmp_path / "images" / "manual" / "VOCdevkit" / "VOC2012" / "SegmentationClass").iterdir())
+  mask.write_bytes(mask.read_bytes() + b"\0")  # the archive changed after data_dir was prepared from it
+  with pytest.raises(ValueError, match=rf"voc_seg at {tmp_path}/images/tfds/\S+ was prepared from other files "
+                                       rf".*SegmentationClass/{mask.name}\): delete {tmp_path}/images/tfds/\S+ to "
+                                       "prepare it again"):
+    runner.run(_config(voc, **other_images), workdir)
+
+
+def _edited_copy(root: pathlib.Path, path: str, old: str, new: str) -> pathlib.Path:
+  """A copy of the code (jaxseg, experiments, configs) under root with `old` replaced by `new` in `path`."""
+  for folder in ("jaxseg", "experiments", "configs"):
+    shutil.copytree(ROOT / folder, root / folder, ignore=shutil.ignore_patterns("__pycache__"))
+  source = (root / path).read_text()
+  assert source.count(old) == 1, path
+  (root / path).write_text(source.replace(old, new))
+  return root
+
+
+@pytest.mark.slow
+def test_a_code_change_recomputes_what_it_touches(voc, clean_run, tmp_path):
+  """The fusion rule edited in a copy of the package: a rerun on a finished workdir redoes the image level and
+  everything after it, keeps the features, and equals a fresh run of the edited code."""
+  *_, flags = voc
+  code = _edited_copy(tmp_path / "code", "jaxseg/framework/fusion.py",
+                      "return jnp.sort(scores, axis=0)[(scores.shape[0] - 1) // 2]", "return jnp.max(scores, axis=0)")
+  env = dict(ENV, PYTHONPATH=str(code))
+  run = lambda workdir: subprocess.run(_command(workdir, *flags), cwd=code, env=env, capture_output=True, text=True,
+                                       timeout=600)
+  workdir = tmp_path / "edited"
+  shutil.copytree(clean_run, workdir)
+  features_before = {p.name: p.stat().st_mtime_ns for p in (workdir / "features").iterdir()}
+  out = run(workdir)
+  assert out.returncode == 0, out.stderr[-4000:]
+  decisions = json.loads((workdir / "manifests" / "last_start.json").read_text())
+  assert fixtures.passes_run(workdir) == {"image_level", "refinement", "descriptors", "classes", "predictions",
+                                          "report"}
+  assert decisions["image_level"] == ["recompute", "code jaxseg/framework/fusion.py changed"]
+  assert {p.name: p.stat().st_mtime_ns for p in (workdir / "features").iterdir()} == features_before
+  fresh = tmp_path / "fresh"
+  out = run(fresh)
+  assert out.returncode == 0, out.stderr[-4000:]
+  assert json.loads((fresh / "manifests" / "last_start.json").read_text())["features"] == [
+      "compute", "no previous output"]
+  fixtures.assert_same_segmentation(workdir, fresh, SCORES)
+  fg_prob = lambda w: np.concatenate([np.load(p)["fg_prob"] for p in sorted((w / "margins").glob("*.npz"))])
+  assert not np.array_equal(fg_prob(workdir), fg_prob(clean_run))  # the edit changed the method
+  np.testing.assert_array_equal(fg_prob(workdir), fg_prob(fresh))
+
+
+def test_damaged_units_are_remade_alone(voc, clean_run, tmp_path):
+  """A features chunk, a margins chunk and a prediction truncated to half: each is found by its manifest's size
+  and checksum, remade alone, and the result equals the clean run."""
+  workdir = tmp_path / "damaged"
+  shutil.copytree(clean_run, workdir)
+  damaged = [workdir / "features" / "000001.npz", workdir / "margins" / "000000.npz",
+             sorted((workdir / "predictions").glob("*.png"))[0]]
+  for path in damaged:
+    path.write_bytes(path.read_bytes()[:path.stat().st_size // 2])
+  (workdir / "margins" / "000001.npz").write_bytes(b"x" * (workdir / "margins" / "000001.npz").stat().st_size)
+  runner.run(_config(voc), workdir)
+  decisions = json.loads((workdir / "manifests" / "last_start.json").read_text())
+  assert fixtures.passes_run(workdir) == {"features", "image_level", "predictions", "report"}
+  assert decisions["features"] == ["resume", "features/000001.npz damaged"]
+  assert decisions["image_level"] == ["resume", "margins/000000.npz, margins/000001.npz damaged"]
+  fixtures.assert_same_segmentation(workdir, clean_run, SCORES)
+  for folder in ("features", "margins"):
+    for path in sorted((clean_run / folder).glob("*.npz")):
+      with np.load(path) as want, np.load(workdir / folder / path.name) as got:
+        for member in want.files:
+          np.testing.assert_array_equal(got[member], want[member], err_msg=f"{folder}/{path.name} {member}")
+
+
+def test_a_full_disk_names_the_file_and_a_rerun_resumes(voc, clean_run, tmp_path, monkeypatch):
+  """ENOSPC from the 4th file written (fsync): one UserError naming that file, no temp file left behind; with
+  space again the same workdir resumes to the clean result."""
+  workdir = tmp_path / "full"
+  shutil.copytree(clean_run, workdir)
+  shutil.rmtree(workdir / "predictions")
+  shutil.rmtree(workdir / "descriptors")
+  fsync, calls = os.fsync, []
+
+  def full(fd):
+    calls.append(fd)
+    if len(calls) >= 4:
+      raise OSError(28, "No space left on device")
+    fsync(fd)
+
+  monkeypatch.setattr(os, "fsync", full)
+  with pytest.raises(UserError, match=rf"^cannot write {workdir}/\S+: No space left on device \(free space"):
+    runner.run(_config(voc), workdir)
+  assert not list(workdir.rglob(".*.tmp"))
+  assert not workdir_lock.is_held(workdir)
+  monkeypatch.setattr(os, "fsync", fsync)
+  runner.run(_config(voc), workdir)
+  fixtures.assert_same_segmentation(workdir, clean_run, SCORES)
+
+
 @pytest.mark.slow
 def test_killed_at_every_pass_boundary_gives_the_same_outputs(voc, clean_run, tmp_path):
   *_, flags = voc
@@ -214,17 +358,25 @@ def test_killed_at_every_pass_boundary_gives_the_same_outputs(voc, clean_run, tm
 
 
 @pytest.mark.slow
-def test_killed_during_refinement_gives_the_same_outputs(voc, clean_run, tmp_path):
+@pytest.mark.parametrize("signum", [signal.SIGKILL, signal.SIGTERM], ids=lambda s: signal.Signals(s).name)
+def test_killed_during_refinement_gives_the_same_outputs(voc, clean_run, tmp_path, signum):
+  """SIGKILL, or SIGTERM (one line, exit 143, the workdir lock released), during refinement: a restart resumes."""
   *_, flags = voc
   workdir = tmp_path / "resumed"
   process = subprocess.Popen(_command(workdir, *flags), cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL,
-                             stderr=subprocess.DEVNULL)
+                             stderr=subprocess.PIPE, text=True)
   deadline = time.time() + 600
   while not list((workdir / "masks").glob("*.png")) and process.poll() is None and time.time() < deadline:
     time.sleep(0.05)
   assert process.poll() is None, "the run finished before it could be killed"
-  process.send_signal(signal.SIGKILL)
-  process.wait()
+  process.send_signal(signum)
+  _, stderr = process.communicate(timeout=600)
+  if signum == signal.SIGTERM:
+    assert process.returncode == 143, stderr[-3000:]
+    assert stderr.strip().splitlines()[-1].startswith("stopped by SIGTERM: "), stderr[-3000:]
+    assert "Traceback" not in stderr
+    with workdir_lock.hold(workdir):  # free: a held lock refuses with a UserError
+      assert not list(workdir.rglob(".*.tmp"))  # nothing half-written
   assert not (workdir / "metrics.json").exists()
   _run(workdir, *flags)
   fixtures.assert_same_segmentation(workdir, clean_run, SCORES)

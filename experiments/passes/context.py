@@ -42,7 +42,7 @@ class RunContext:
   workdir: pathlib.Path
   method: MethodConfig  # effective: num_categories reduced to the split's image count
   source: object
-  images: list[dict]  # per run image, in order: {"index", "id", "size": [H, W], optional "file": [bytes, mtime_ns]}
+  images: list[dict]  # per run image, in order: experiments/passes/source.py's entries
   vit: models.ViTConfig
   key: jax.Array  # jax.random.key(seed): the seed-dependent passes' keys derive from it
   mesh: jax.sharding.Mesh  # this process's devices; per-chunk work runs data-parallel over them
@@ -50,7 +50,7 @@ class RunContext:
   seed: int = 0  # the seed-dependent passes' seed (one of config.seeds); the weights' init uses config.seed
   shared: pathlib.Path | None = None  # with config.seeds: the run's workdir (features/), workdir = seeds/<seed>
   fingerprints: dict = dataclasses.field(default_factory=dict)  # pass name -> fingerprint
-  field_digests: dict = dataclasses.field(default_factory=dict)  # pass name -> digest of its config fields only
+  field_digests: dict = dataclasses.field(default_factory=dict)  # pass name -> digest of its fields and code
   effective: dict = dataclasses.field(default_factory=dict)  # values used where the config asked for more
   timings: dict = dataclasses.field(default_factory=dict)  # pass name -> seconds (kept by the engine)
   _model: tuple | None = None
@@ -132,7 +132,7 @@ class RunContext:
     """The fingerprint a unit of pass `name` must carry; features chunks depend only on their own images."""
     if name == "features" and c is not None:
       b = self.config.batch_size
-      return digest([self.field_digests[name], self.images[c * b:(c + 1) * b]])
+      return digest([self.field_digests[name], [image_identity(e) for e in self.images[c * b:(c + 1) * b]]])
     return self.fingerprints[name]
 
   def save_npz(self, name: str, path: pathlib.Path, c: int | None = None, **arrays) -> None:
@@ -172,8 +172,15 @@ class RunContext:
     return self.on_devices(PatchFeatures(valid=arrays["valid"], **fields)), arrays
 
   def feature_batches(self, *members: str):
-    """A callable giving a fresh iterator of (chunk, PatchFeatures) over the split (framework.compose's `batches`)."""
-    return lambda: ((c, self.features(c, *members)[0]) for c in range(self.num_chunks))
+    """A callable giving a fresh iterator of (first position, PatchFeatures) over the split (framework.compose's
+    `batches`): chunk c's first image is at c * batch_size."""
+    return lambda: ((c * self.config.batch_size, self.features(c, *members)[0]) for c in range(self.num_chunks))
+
+
+def image_identity(entry: dict) -> dict:
+  """What of an image's entry (experiments/passes/source.py) its features depend on: not its label, not the
+  file's size and mtime (the cache key of its content hash)."""
+  return {k: v for k, v in entry.items() if k not in ("file", "label")}
 
 
 def recorded_fingerprint(path: pathlib.Path) -> str | None:

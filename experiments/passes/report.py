@@ -39,7 +39,8 @@ def run(ctx: RunContext) -> None:
   counts, has_gt, fg_pixels, pixels = (np.concatenate([s[k] for s in stats])[keep]
                                        for k in ("counts", "has_gt", "fg_pixels", "pixels"))
   order = order[keep]
-  result = dict(num_images=int(keep.sum()),
+  skipped = [str(path) for path in getattr(ctx.source, "skipped", [])]  # unreadable files of an image folder
+  result = dict(num_images=int(keep.sum()), skipped={"count": len(skipped), "files": skipped},
                 fg_fraction={level: float(fg_pixels[:, i].sum() / max(pixels.sum(), 1))
                              for i, level in enumerate(FG_LEVELS)})
   per_image_iou = None

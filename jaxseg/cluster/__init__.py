@@ -13,3 +13,4 @@ from jaxseg.cluster.stream import reservoir_add_donated
 from jaxseg.cluster.stream import reservoir_init
 from jaxseg.cluster.stream import reservoir_kmeans
 from jaxseg.cluster.stream import reservoir_sample
+from jaxseg.cluster.stream import reservoir_sorted

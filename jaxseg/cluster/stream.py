@@ -5,6 +5,8 @@
     for labels in assign_chunks(chunks(), result.centroids): ...
 
 Peak memory depends on the budget and the chunk size, not on the number of points.
+Points given stable ids (`ids=`, e.g. image index * patches + patch) get priorities that depend on
+(key, id) alone, so the sample, ordered by `reservoir_sorted`, does not depend on how the stream is batched.
 A chunk is an [B, D] array or a (x [B, D], mask [B] bool) pair. Chunks shorter
 than the first are padded to its size (and the padding masked), so each
 function compiles once.
@@ -27,9 +29,10 @@ Chunk = jax.Array | tuple[jax.Array, jax.Array]
 class ReservoirState(NamedTuple):
   """A uniform sample without replacement of the valid points streamed so far.
 
-  Every valid point gets a random 31-bit priority; the sample is the `budget`
+  Every valid point gets a random priority; the sample is the `budget`
   points of highest priority (bottom-k sampling), which is uniform over all
-  points seen however they were batched.
+  points seen however they were batched. The order of the rows depends on
+  the batching: `reservoir_sorted` puts them in priority order.
 
   Attributes:
     points: [budget, D] float32 sampled points (zeros in unfilled slots).
@@ -54,15 +57,36 @@ def reservoir_init(budget: int, dim: int) -> ReservoirState:
                         jnp.zeros((), jnp.uint32))
 
 
+def _mix32(h: jax.Array) -> jax.Array:
+  """MurmurHash3's 32-bit finaliser: a bijection of uint32 that scatters nearby ids."""
+  h = h ^ (h >> 16)
+  h = h * jnp.uint32(0x85EBCA6B)
+  h = h ^ (h >> 13)
+  h = h * jnp.uint32(0xC2B2AE35)
+  return h ^ (h >> 16)
+
+
+def id_priorities(key: jax.Array, ids: jax.Array) -> jax.Array:
+  """[B] uint32 priorities of points with ids [B] (integers < 2**32): a keyed bijection of the id.
+
+  Distinct ids get distinct priorities, so the sample and its priority order have no ties; the one id
+  that maps to 0 ("empty slot") is never sampled, for any batching.
+  """
+  scale, shift, flip = jax.random.bits(key, (3,), jnp.uint32)
+  return _mix32(_mix32(ids.astype(jnp.uint32) * (scale | 1) + shift) ^ flip)
+
+
 def _reservoir_add(state: ReservoirState, x: jax.Array, *, key: jax.Array,
-                   mask: jax.Array | None = None) -> ReservoirState:
+                   mask: jax.Array | None = None, ids: jax.Array | None = None) -> ReservoirState:
   """Streams a batch through the reservoir.
 
   Args:
     state: the reservoir so far.
     x: [B, D] new points.
-    key: PRNG key, a different one for every batch.
+    key: PRNG key: with ids, the same for every batch; without, a different one for every batch.
     mask: [B] bool, False = padding (never sampled, not counted).
+    ids: [B] int, each point's stable id (unique over the stream): its priority is id_priorities(key, id),
+      so the same points are sampled however the stream is batched. None: random priorities per batch.
 
   Returns:
     The reservoir over everything seen, still of size budget.
@@ -73,8 +97,12 @@ def _reservoir_add(state: ReservoirState, x: jax.Array, *, key: jax.Array,
   valid = jnp.ones(x.shape[0], bool) if mask is None else mask.astype(bool)
   if valid.shape != x.shape[:1]:
     raise ValueError(f"reservoir_add: mask must be [B] = {x.shape[:1]}, got shape {valid.shape}.")
-  # Odd priorities for valid points so that 0 can mean "nothing here".
-  new_priorities = jnp.where(valid, jax.random.bits(key, x.shape[:1], jnp.uint32) | 1, 0)
+  if ids is None:  # odd priorities for valid points so that 0 can mean "nothing here"
+    new_priorities = jnp.where(valid, jax.random.bits(key, x.shape[:1], jnp.uint32) | 1, 0)
+  elif ids.shape != x.shape[:1]:
+    raise ValueError(f"reservoir_add: ids must be [B] = {x.shape[:1]}, got shape {ids.shape}.")
+  else:
+    new_priorities = jnp.where(valid, id_priorities(key, ids), 0)
   # Merge: the j-th highest new priority replaces the j-th lowest slot while it is higher, which
   # keeps exactly the `budget` highest of both and writes at most B rows.
   n_merge = min(x.shape[0], budget)
@@ -93,6 +121,14 @@ reservoir_add = jax.jit(_reservoir_add)
 reservoir_add_donated = jax.jit(_reservoir_add, donate_argnames="state")
 reservoir_add_donated.__doc__ = """`reservoir_add` that reuses the buffers of the state passed in (about 3x faster on
 a large reservoir, no second copy in memory). That state is deleted: use only the returned one."""
+
+
+@jax.jit
+def reservoir_sorted(state: ReservoirState) -> ReservoirState:
+  """The same sample with its rows in decreasing priority (unfilled slots last): with `ids`, this order
+  depends on the points alone, so whatever is fitted on the sample does not depend on the batching."""
+  order = jnp.argsort(state.priorities, descending=True, stable=True)
+  return ReservoirState(state.points[order], state.priorities[order], state.n_seen)
 
 
 def _padded_chunks(chunks: Iterable[Chunk]) -> Iterator[tuple[jax.Array, jax.Array, int]]:

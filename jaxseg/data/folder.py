@@ -17,9 +17,14 @@ SKIMAGE_PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "motorcycle_left",
 
 
 def _is_readable_image(path: pathlib.Path) -> bool:
-  """Whether PIL recognises the file's header (cheap: pixel data is not decoded)."""
+  """Whether PIL decodes the file: a truncated or corrupt image is not readable, as an empty or foreign one.
+
+  JPEGs decode at their smallest scale (draft mode), which still reads every byte of their data.
+  """
   try:
     with Image.open(path) as image:
+      image.draft("RGB", (1, 1))
+      image.load()
       return image.width > 0 and image.height > 0
   except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
     return False
@@ -29,9 +34,10 @@ class FolderSource(images.ImageSource):
   """Every image file under a folder, recursively, sorted by relative path.
 
   Items are {"id": relative path without extension ('/'-separated), "image": uint8 [H, W, 3]}
-  with EXIF orientation applied. Files whose header PIL cannot read are skipped with a warning
-  naming them; a file that fails later, while decoding pixels, raises ValueError naming it. Two
-  files differing only in extension (a.jpg, a.png) keep their extensions in their ids.
+  with EXIF orientation applied. Files PIL cannot decode (empty, foreign, truncated, corrupt) are
+  skipped with a warning naming them and listed in `skipped`; a file that fails later (changed
+  since) raises ValueError naming it. Two files differing only in extension (a.jpg, a.png) keep
+  their extensions in their ids.
   """
 
   def __init__(self, root: str | os.PathLike):
@@ -41,11 +47,12 @@ class FolderSource(images.ImageSource):
     candidates = sorted((p for p in self.root.rglob("*")
                          if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()),
                         key=lambda p: p.relative_to(self.root).as_posix())
-    self.paths = []
+    self.paths, self.skipped = [], []
     for path in candidates:
       if _is_readable_image(path):
         self.paths.append(path)
       else:
+        self.skipped.append(path)
         warnings.warn(f"Skipping unreadable image file {path}", stacklevel=2)
     stems = [p.relative_to(self.root).with_suffix("").as_posix() for p in self.paths]
     counts = collections.Counter(stems)

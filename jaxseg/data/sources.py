@@ -1,11 +1,13 @@
 """`load` and `class_names`: one entry point for VOC, COCO, image folders and sample photos."""
 
+import json
 import os
 import pathlib
 
 import numpy as np
 import tensorflow_datasets as tfds
 
+from jaxseg import _files
 from jaxseg.data import coco
 from jaxseg.data import folder
 from jaxseg.data import images
@@ -42,6 +44,44 @@ def _builder(name: str, data_dir: str | os.PathLike) -> tfds.core.GeneratorBased
                        file_format="array_record")
 
 
+# Written next to a prepared dataset: the manual_dir it was prepared from, and each of its files' size and mtime.
+MANUAL_FILES = "jaxseg_manual_files.json"
+
+
+def _manual_files(manual_dir: pathlib.Path) -> dict[str, list[int]]:
+  """{path relative to manual_dir: [size, mtime_ns]} of every file under it (archives or extracted trees)."""
+  files = {}
+  for path in sorted(manual_dir.rglob("*")):
+    if path.is_file():
+      stat = path.stat()
+      files[path.relative_to(manual_dir).as_posix()] = [stat.st_size, stat.st_mtime_ns]
+  return files
+
+
+def _record_manual_dir(data_dir: pathlib.Path, manual_dir: pathlib.Path) -> None:
+  record = {"manual_dir": str(manual_dir.resolve()), "files": _manual_files(manual_dir)}
+  _files.atomic_write_bytes(data_dir / MANUAL_FILES, json.dumps(record).encode())
+
+
+def _check_manual_dir(name: str, data_dir: pathlib.Path, manual_dir: pathlib.Path) -> None:
+  """Refuses a prepared dataset whose manual_dir's files changed since it was prepared from them.
+
+  Only the folder it was prepared from is compared: another manual_dir (moved archives) is not looked at.
+  """
+  try:
+    record = json.loads((data_dir / MANUAL_FILES).read_text())
+  except (OSError, ValueError):
+    return  # prepared before this record existed, or without a manual_dir
+  if record.get("manual_dir") != str(manual_dir.resolve()):
+    return
+  recorded, now = record["files"], _manual_files(manual_dir)
+  changed = sorted(k for k in recorded.keys() | now.keys() if recorded.get(k) != now.get(k))
+  if changed:
+    raise ValueError(f"{name} at {data_dir} was prepared from other files than manual_dir {manual_dir} holds now "
+                     f"({len(changed)} added, removed or changed, e.g. {changed[0]}): delete {data_dir} to prepare "
+                     "it again from them, or give another data_dir")
+
+
 def load(name: str, split: str | None = None, *, data_dir: str | os.PathLike,
          manual_dir: str | os.PathLike | None = None):
   """Prepares a dataset if needed and returns a sized, indexable source of dicts.
@@ -57,6 +97,10 @@ def load(name: str, split: str | None = None, *, data_dir: str | os.PathLike,
   Returns:
     source with len() and [i] -> {"id": str, "image": uint8 [H, W, 3], "mask": uint8 [H, W]}
     ("mask" absent for folders and "skimage").
+
+  Raises:
+    ValueError: a dataset prepared in data_dir from this manual_dir, whose files (size, mtime) changed since:
+      it is never silently reused; the message says how to prepare it again.
   """
   if name.startswith("folder:"):
     return folder.FolderSource(name[len("folder:"):])
@@ -74,6 +118,10 @@ def load(name: str, split: str | None = None, *, data_dir: str | os.PathLike,
                                 f"{builder.MANUAL_DOWNLOAD_INSTRUCTIONS}")
       download_config = tfds.download.DownloadConfig(manual_dir=os.fspath(manual_dir))
     builder.download_and_prepare(download_config=download_config)
+    if manual_dir is not None:
+      _record_manual_dir(pathlib.Path(builder.data_dir), manual_dir)
+  elif manual_dir is not None and pathlib.Path(manual_dir).is_dir():
+    _check_manual_dir(name, pathlib.Path(builder.data_dir), pathlib.Path(manual_dir))
   if str(split).partition("[")[0] not in builder.info.splits:
     raise ValueError(f"{name} at {builder.data_dir} has splits {sorted(builder.info.splits)}, not "
                      f"{split!r} (a split is only built if its files were in manual_dir when it "

@@ -6,9 +6,10 @@
     masks = [refine(image, p, cfg.crf) for image, p in zip(images, result.fg_prob)]   # stage 5
     labels = label_pooled(features.patches, masks, cfg, key=key)  # stage 6, "pooled" descriptors
 
-A pass function takes `batches`, a callable returning a fresh iterator of (batch number, PatchFeatures):
-a pass may stream the split twice, and batch b's sampling key is fold_in(pass key, b) wherever the batch
-comes from (the runner's chunk c is batch c).
+A pass function takes `batches`, a callable returning a fresh iterator of (first, PatchFeatures), first
+being the split position of the batch's first image: a pass may stream the split twice. Sampling is keyed
+per image position (levels.patch_ids), never per batch, so any batch size or device count gives the same
+levels (the runner's chunk c starts at c * batch_size).
 """
 
 import dataclasses
@@ -103,11 +104,11 @@ def fit_dataset_level(batches: Batches, cfg: MethodConfig, *, key: jax.Array, nu
   """
   sample_key, fit_key = jax.random.split(key)
   sample = None
-  for number, features in batches():
+  for first, features in batches():
     if sample is None:
       sample = reservoir_init(capped_budget(cfg, num_patches), features.patches.shape[-1])
     x, valid = _flat(features)
-    sample = reservoir_add_donated(sample, x, key=jax.random.fold_in(sample_key, number), mask=valid)
+    sample = reservoir_add_donated(sample, x, key=sample_key, mask=valid, ids=levels.patch_ids(features, first))
   centroids = levels.fit_dataset_centroids(place(sample), cfg, key=fit_key)
   stats = None
   for _, features in batches():
@@ -131,10 +132,9 @@ def fit_category_level(cls: jax.Array, batches: Batches, dataset: levels.Dataset
   centroids = levels.fit_categories(cls, cfg, key=fit_key)
   budget = capped_budget(cfg, num_patches, per=cfg.num_categories)
   samples = levels.category_sample_init(dataclasses.replace(cfg, sample_budget=budget), dataset.centroids.shape[-1])
-  for number, features in batches():
+  for first, features in batches():
     categories = levels.assign_categories(features, centroids)
-    samples = _sample_category_patches_donated(samples, features, categories,
-                                               key=jax.random.fold_in(sample_key, number))
+    samples = _sample_category_patches_donated(samples, features, categories, key=sample_key, first=first)
   return centroids, levels.fit_category_prototypes(samples, dataset, cfg)
 
 
@@ -184,7 +184,7 @@ def segment_features(features: PatchFeatures, cfg: MethodConfig, *, key: jax.Arr
   count, height, width, _ = features.patches.shape
   batch_size = batch_size or count
   cfg = effective_method(cfg, count)
-  stream = lambda: enumerate(batches(features, batch_size))
+  stream = lambda: ((number * batch_size, batch) for number, batch in enumerate(batches(features, batch_size)))
   dataset, _ = fit_dataset_level(stream, cfg, key=pass_key(key, "dataset_level"), num_patches=count * height * width)
   category_centroids, category_prototypes = fit_category_level(
       jnp.asarray(features.cls), stream, dataset, cfg, key=pass_key(key, "category_level"),

@@ -8,7 +8,7 @@ Streaming over a split (the runner), with PatchFeatures batches `f`:
 
     # stage 1: dataset level
     sample = reservoir_init(cfg.sample_budget, D)
-    for f: sample = sample_patches(sample, f, key=...)
+    for f: sample = sample_patches(sample, f, key=..., first=...)   # first: f's position in the split
     centroids = fit_dataset_centroids(sample, cfg, key=...)
     stats = None
     for f: stats = accumulate_stats(stats, dataset_cluster_stats(f, centroids))
@@ -16,7 +16,7 @@ Streaming over a split (the runner), with PatchFeatures batches `f`:
     # stage 2: category level (needs the CLS tokens of every image)
     category_centroids = fit_categories(all_cls, cfg, key=...)
     samples = category_sample_init(cfg, D)
-    for f: samples = sample_category_patches(samples, f, assign_categories(f, category_centroids), key=...)
+    for f: samples = sample_category_patches(samples, f, assign_categories(f, category_centroids), key=..., first=...)
     category_prototypes = fit_category_prototypes(samples, dataset, cfg)
     # stage 3 and the margins of all levels
     for f: margins = level_margins(f, dataset, category_centroids, category_prototypes, cfg)
@@ -35,6 +35,7 @@ from jaxseg.cluster import kmeans
 from jaxseg.cluster.stream import ReservoirState
 from jaxseg.cluster.stream import reservoir_add
 from jaxseg.cluster.stream import reservoir_init
+from jaxseg.cluster.stream import reservoir_sorted
 from jaxseg.framework.config import MethodConfig
 from jaxseg.framework.features import METRIC
 from jaxseg.framework.features import PatchFeatures
@@ -147,14 +148,27 @@ def split_from_parent(x: jax.Array, mask: jax.Array, parent: jax.Array, cfg: Met
 
 # ---- stage 1: dataset level ----------------------------------------------------------------------
 
-def sample_patches(sample: ReservoirState, features: PatchFeatures, *, key: jax.Array) -> ReservoirState:
-  """Adds a batch's valid patches to a uniform reservoir sample (jaxseg.cluster.stream)."""
+def patch_ids(features: PatchFeatures, first: jax.Array) -> jax.Array:
+  """[B*h*w] uint32 id of every patch of a batch whose images sit at positions first, first+1, ... of the
+  split: position * h*w + patch, so a patch's sampling priority depends on its image, not on its batch."""
+  batch, h, w, _ = features.patches.shape
+  positions = jnp.asarray(first, jnp.uint32) + jnp.arange(batch, dtype=jnp.uint32)
+  return (positions[:, None] * jnp.uint32(h * w) + jnp.arange(h * w, dtype=jnp.uint32)).reshape(-1)
+
+
+def sample_patches(sample: ReservoirState, features: PatchFeatures, *, key: jax.Array,
+                   first: jax.Array) -> ReservoirState:
+  """Adds a batch's valid patches to a uniform reservoir sample (jaxseg.cluster.stream).
+
+  key: the same for every batch; first: the split position of the batch's first image (see patch_ids).
+  """
   x, valid = _flat(features)
-  return reservoir_add(sample, x, key=key, mask=valid)
+  return reservoir_add(sample, x, key=key, mask=valid, ids=patch_ids(features, first))
 
 
 def fit_dataset_centroids(sample: ReservoirState, cfg: MethodConfig, *, key: jax.Array) -> jax.Array:
-  """[dataset_k, D] unit centroids: spherical k-means of the sampled patches."""
+  """[dataset_k, D] unit centroids: spherical k-means of the sampled patches, in priority order."""
+  sample = reservoir_sorted(sample)
   return spherical_kmeans(sample.points, cfg.dataset_k, cfg, key=key, mask=sample.mask)
 
 
@@ -282,20 +296,22 @@ def category_sample_init(cfg: MethodConfig, dim: int) -> ReservoirState:
 
 @jax.jit
 def sample_category_patches(samples: ReservoirState, features: PatchFeatures, categories: jax.Array, *,
-                            key: jax.Array) -> ReservoirState:
+                            key: jax.Array, first: jax.Array) -> ReservoirState:
   """Adds each image's valid patches to the reservoir of its category.
 
   Args:
     samples: stacked reservoirs from `category_sample_init`.
     features: a batch.
     categories: [B] int32 from `assign_categories`.
-    key: PRNG key, a different one for every batch.
+    key: PRNG key, the same for every batch.
+    first: the split position of the batch's first image (see patch_ids).
   """
   x, valid = _flat(features)
+  ids = patch_ids(features, first)
   patch_category = jnp.repeat(categories, valid.shape[0] // categories.shape[0])
   num_categories = samples.points.shape[0]
   masks = valid & (patch_category == jnp.arange(num_categories)[:, None])  # [C, B*h*w]
-  return jax.vmap(lambda s, m: reservoir_add(s, x, key=key, mask=m))(samples, masks)
+  return jax.vmap(lambda s, m: reservoir_add(s, x, key=key, mask=m, ids=ids))(samples, masks)
 
 
 @functools.partial(jax.jit, static_argnames=("cfg",))
@@ -304,8 +320,9 @@ def fit_category_prototypes(samples: ReservoirState, dataset: DatasetLevel, cfg:
 
   Each 2-means starts from the dataset prototypes; fg = the centroid nearest
   the dataset fg prototype. A category with no sampled patch keeps the dataset
-  prototypes.
+  prototypes. Each sample is fitted in priority order (reservoir_sorted), which does not depend on the batching.
   """
+  samples = jax.vmap(reservoir_sorted)(samples)
   return jax.vmap(lambda points, mask: split_from_parent(points, mask, dataset.prototypes, cfg))(
       samples.points, samples.mask)
 

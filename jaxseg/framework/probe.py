@@ -105,14 +105,15 @@ def image_two_means(x: jax.Array, valid: jax.Array, *, key: jax.Array, metric: s
   Args:
     x: [B, P, D] patch features.
     valid: [B, P] bool; invalid patches are not clustered.
-    key: PRNG key (one per image is split from it).
+    key: PRNG key (one per image is split from it), or [B] keys, one per image (keyed by the image, a
+      result does not depend on the batch it came in).
     metric: "cosine" (spherical, as the method) or "euclidean" (e.g. a scalar, D = 1).
     n_init, max_iter, tol: k-means settings.
 
   Returns:
     [B, P] int32 cluster of each patch in {0, 1}, -1 where not valid.
   """
-  keys = jax.random.split(key, x.shape[0])
+  keys = key if key.shape else jax.random.split(key, x.shape[0])
   return jax.vmap(lambda points, mask, k: kmeans(points, 2, key=k, mask=mask, n_init=n_init, max_iter=max_iter,
                                                  tol=tol, metric=metric).labels)(x, valid, keys)
 
