@@ -3,6 +3,7 @@
 import importlib.util
 import io
 import json
+import logging
 import pathlib
 
 import numpy as np
@@ -10,6 +11,16 @@ import PIL.Image
 import PIL.PngImagePlugin
 
 from jaxseg._files import atomic_write_bytes  # noqa: F401  (re-exported: the binaries write through it)
+
+class _NoTpuProbeLine(logging.Filter):
+  """Drops jax's "Unable to initialize backend 'tpu'" line, which every run on a machine without TPUs printed."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return not record.getMessage().startswith("Unable to initialize backend 'tpu'")
+
+
+# jax probes for libtpu.so whatever the machine; on a TPU host the backend starts and this line never comes.
+logging.getLogger("jax._src.xla_bridge").addFilter(_NoTpuProbeLine())
 
 # Programs that compile faster than this stay out of the persistent XLA cache. jax's default, 1 s, kept
 # or dropped the refinement programs (0.9-1.3 s each on 2 cores) by how busy the machine was.

@@ -41,6 +41,7 @@ _XLA_CACHE = flags.DEFINE_string(
 _XLA_CACHE_MAX_MB = flags.DEFINE_integer("xla_cache_max_mb", 2048, "Bound on the XLA compilation cache's disk use, "
                                          "in MB (-1: unbounded).", lower_bound=-1)
 flags.mark_flags_as_required(["workdir"])
+flags.declare_key_flag("config")  # --help lists --config, with every config field, beside --workdir
 
 
 def main(argv):
