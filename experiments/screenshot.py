@@ -1,0 +1,89 @@
+r"""Headless Chromium pictures of a gallery page, and the README's demo-gallery screenshot (docs/gallery.png).
+
+  python -m experiments.screenshot --output=docs/gallery.png
+
+runs the demo (configs/demo.py) with random weights, as the README's offline smoke run does, into a
+temporary workdir, and keeps the top of its gallery.html (banner, legend, the first rows) as a small
+PNG. Needs Debian's `chromium` (apt-get install chromium); tests/test_gallery.py uses the same
+functions to check what a person sees.
+"""
+
+import json
+import pathlib
+import shutil
+import subprocess
+import sys
+import tempfile
+
+import numpy as np
+import PIL.Image
+
+BROWSER = "chromium"
+# Reads back where each element of interest was laid out: the same flags give the screenshot the same layout.
+_BOXES_SCRIPT = """<script>
+window.addEventListener("load", () => {
+  const boxes = {};
+  for (const [name, selector] of Object.entries(%s)) {
+    boxes[name] = [...document.querySelectorAll(selector)].map(e => {
+      const r = e.getBoundingClientRect();
+      return [Math.round(r.left + scrollX), Math.round(r.top + scrollY), Math.round(r.width), Math.round(r.height)];
+    });
+  }
+  document.body.setAttribute("data-boxes", JSON.stringify(boxes));
+});
+</script>"""
+
+
+def browser() -> str | None:
+  """The path of the chromium binary, or None where it is not installed."""
+  return shutil.which(BROWSER)
+
+
+def _chromium(url: str, *args: str, width: int, height: int) -> subprocess.CompletedProcess:
+  command = [browser() or BROWSER, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
+             "--force-device-scale-factor=1", f"--window-size={width},{height}", "--virtual-time-budget=10000",
+             *args, url]
+  return subprocess.run(command, check=True, capture_output=True, text=True, timeout=180)
+
+
+def screenshot(page: pathlib.Path, *, width: int = 1600, height: int = 1200) -> np.ndarray:
+  """[height, width, 3] uint8: the page (an HTML file) as headless Chromium renders it in such a window."""
+  with tempfile.TemporaryDirectory() as tmp:
+    shot = pathlib.Path(tmp) / "shot.png"
+    _chromium(page.resolve().as_uri(), f"--screenshot={shot}", width=width, height=height)
+    return np.array(PIL.Image.open(shot).convert("RGB"))
+
+
+def element_boxes(page: pathlib.Path, selectors: dict[str, str], *, width: int = 1600,
+                  height: int = 1200) -> dict[str, list[tuple[int, int, int, int]]]:
+  """{name: [(left, top, width, height) in page pixels]} of the elements each CSS selector matches."""
+  copy = page.with_name(f".{page.stem}.boxes.html")  # beside the page: its relative image links still resolve
+  copy.write_text(page.read_text().replace("</body>", _BOXES_SCRIPT % json.dumps(selectors) + "</body>"))
+  try:
+    dom = _chromium(copy.resolve().as_uri(), "--dump-dom", width=width, height=height).stdout
+  finally:
+    copy.unlink()
+  start = dom.index('data-boxes="') + len('data-boxes="')
+  text = dom[start:dom.index('"', start)].replace("&quot;", '"')
+  return {name: [tuple(box) for box in boxes] for name, boxes in json.loads(text).items()}
+
+
+def main(argv: list[str]) -> None:
+  output = pathlib.Path(next((a.split("=", 1)[1] for a in argv if a.startswith("--output=")), "docs/gallery.png"))
+  if browser() is None:
+    print(f"error: {BROWSER} is not installed (apt-get install {BROWSER})", file=sys.stderr)
+    sys.exit(2)
+  root = pathlib.Path(__file__).resolve().parents[1]
+  with tempfile.TemporaryDirectory() as tmp:
+    workdir = pathlib.Path(tmp) / "demo"
+    subprocess.run([sys.executable, "-m", "experiments.segment", "--config=configs/demo.py", f"--workdir={workdir}",
+                    "--config.model.weights=random", f"--xla_cache_dir={tmp}/xla"], cwd=root, check=True)
+    pixels = screenshot(workdir / "gallery.html", width=1500, height=1250)
+  picture = PIL.Image.fromarray(pixels).resize((900, 750), PIL.Image.LANCZOS)
+  output.parent.mkdir(parents=True, exist_ok=True)
+  picture.quantize(colors=128, dither=PIL.Image.Dither.NONE).save(output, optimize=True)  # a small file
+  print(f"wrote {output} ({output.stat().st_size // 1024} KB)")
+
+
+if __name__ == "__main__":
+  main(sys.argv[1:])
