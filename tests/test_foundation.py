@@ -75,3 +75,14 @@ def test_suite_and_its_subprocesses_use_a_temporary_home(real_home):
   child_home, weights_cache = (pathlib.Path(line).resolve() for line in out.stdout.split())
   assert child_home == home and weights_cache.is_relative_to(home), out.stdout
   assert any((home / ".cache" / "jaxseg" / "xla").glob("*-cache")), "the program went to another XLA cache"
+
+
+@pytest.mark.slow
+def test_gpu_benchmark_runs_on_cpu_as_a_smoke_test():
+  out = subprocess.run([sys.executable, "-m", "experiments.benchmark", "--only=gpu"], cwd=ROOT, capture_output=True,
+                       text=True, timeout=900)
+  assert out.returncode == 0, out.stderr[-4000:]
+  assert "no accelerator: a smoke run" in out.stdout, out.stdout
+  for check in ("vit parity", "vit throughput, bfloat16", "dense_crf 500x375", "dense_crf 512x512", "split, 4 images"):
+    assert check in out.stdout, out.stdout
+  assert "MISMATCH" not in out.stdout, out.stdout
