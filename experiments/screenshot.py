@@ -39,18 +39,19 @@ def browser() -> str | None:
   return shutil.which(BROWSER)
 
 
-def _chromium(url: str, *args: str, width: int, height: int) -> subprocess.CompletedProcess:
+def _chromium(url: str, *args: str, width: int, height: int, scale: float = 1.0) -> subprocess.CompletedProcess:
   command = [browser() or BROWSER, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
-             "--force-device-scale-factor=1", f"--window-size={width},{height}", "--virtual-time-budget=10000",
+             f"--force-device-scale-factor={scale}", f"--window-size={width},{height}", "--virtual-time-budget=10000",
              *args, url]
   return subprocess.run(command, check=True, capture_output=True, text=True, timeout=180)
 
 
-def screenshot(page: pathlib.Path, *, width: int = 1600, height: int = 1200) -> np.ndarray:
-  """[height, width, 3] uint8: the page (an HTML file) as headless Chromium renders it in such a window."""
+def screenshot(page: pathlib.Path, *, width: int = 1600, height: int = 1200, scale: float = 1.0) -> np.ndarray:
+  """[height * scale, width * scale, 3] uint8: the page (an HTML file) as headless Chromium renders it in a
+  window of width x height CSS pixels, each drawn as scale x scale screen pixels."""
   with tempfile.TemporaryDirectory() as tmp:
     shot = pathlib.Path(tmp) / "shot.png"
-    _chromium(page.resolve().as_uri(), f"--screenshot={shot}", width=width, height=height)
+    _chromium(page.resolve().as_uri(), f"--screenshot={shot}", width=width, height=height, scale=scale)
     return np.array(PIL.Image.open(shot).convert("RGB"))
 
 
@@ -78,10 +79,10 @@ def main(argv: list[str]) -> None:
     workdir = pathlib.Path(tmp) / "demo"
     subprocess.run([sys.executable, "-m", "experiments.segment", "--config=configs/demo.py", f"--workdir={workdir}",
                     "--config.model.weights=random", f"--xla_cache_dir={tmp}/xla"], cwd=root, check=True)
-    pixels = screenshot(workdir / "gallery.html", width=1500, height=1250)
-  picture = PIL.Image.fromarray(pixels).resize((900, 750), PIL.Image.LANCZOS)
+    pixels = screenshot(workdir / "gallery.html", width=1500, height=1250, scale=0.6)  # drawn small: sharp text
   output.parent.mkdir(parents=True, exist_ok=True)
-  picture.quantize(colors=128, dither=PIL.Image.Dither.NONE).save(output, optimize=True)  # a small file
+  picture = PIL.Image.fromarray(pixels).quantize(colors=256, dither=PIL.Image.Dither.NONE)  # a small file
+  picture.save(output, optimize=True)
   print(f"wrote {output} ({output.stat().st_size // 1024} KB)")
 
 
