@@ -25,7 +25,7 @@ from experiments import distributed
 from experiments import errors
 from experiments import runner
 from experiments import validation
-from experiments.common import load_config_file, use_xla_cache
+from experiments.common import load_config_file, run_with_help_exit_zero, use_xla_cache
 
 _DEFAULT_CONFIG = pathlib.Path(__file__).resolve().parents[1] / "configs" / "demo.py"
 _CONFIG = errors.define_config_file(
@@ -71,4 +71,4 @@ def summary(result: dict) -> str:
 
 
 if __name__ == "__main__":
-  errors.run_main(main)
+  run_with_help_exit_zero(lambda: errors.run_main(main))

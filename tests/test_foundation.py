@@ -23,7 +23,8 @@ def test_segment_helpfull_lists_config_flags():
   env = dict(os.environ, JAX_PLATFORMS="cpu")
   out = subprocess.run([sys.executable, "-m", "experiments.segment", "--helpfull"], cwd=ROOT, env=env,
                        capture_output=True, text=True, timeout=300)
-  text = out.stdout + out.stderr  # absl exits 1 after printing help
+  text = out.stdout + out.stderr
+  assert out.returncode == 0, text  # segment turns absl's status 1 after help into 0
   assert "--config" in text and "--workdir" in text, text
   assert "model.variant" in text and "data.name" in text, text
   # Each field with demo.py's value and, where restricted, what it accepts.
@@ -46,6 +47,7 @@ def test_segment_help_shows_the_config_fields():
   out = subprocess.run([sys.executable, "-m", "experiments.segment", "--help"], cwd=ROOT, capture_output=True,
                        text=True, timeout=300)
   text = out.stdout + out.stderr
+  assert out.returncode == 0, text  # help asked for is a success, not absl's status 1
   assert "--config: Path to an ml_collections config file" in text, text
   assert text.index("--config:") < text.index("model.variant='dinov2_vits14'") < text.index("--workdir:"), text
 
