@@ -17,8 +17,13 @@ import tempfile
 
 import numpy as np
 import PIL.Image
+from absl import app
+from absl import flags
+
+from experiments import errors
 
 BROWSER = "chromium"
+_OUTPUT = flags.DEFINE_string("output", "docs/gallery.png", "Where to write the screenshot (PNG).")
 # Reads back where each element of interest was laid out: the same flags give the screenshot the same layout.
 _BOXES_SCRIPT = """<script>
 window.addEventListener("load", () => {
@@ -70,10 +75,11 @@ def element_boxes(page: pathlib.Path, selectors: dict[str, str], *, width: int =
 
 
 def main(argv: list[str]) -> None:
-  output = pathlib.Path(next((a.split("=", 1)[1] for a in argv if a.startswith("--output=")), "docs/gallery.png"))
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments {argv[1:]}")
+  output = pathlib.Path(_OUTPUT.value)
   if browser() is None:
-    print(f"error: {BROWSER} is not installed (apt-get install {BROWSER})", file=sys.stderr)
-    sys.exit(2)
+    raise errors.UserError(f"{BROWSER} is not installed (apt-get install {BROWSER})")
   root = pathlib.Path(__file__).resolve().parents[1]
   with tempfile.TemporaryDirectory() as tmp:
     workdir = pathlib.Path(tmp) / "demo"
@@ -87,4 +93,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-  main(sys.argv[1:])
+  errors.run_main(main)
