@@ -4,13 +4,11 @@ Run:
   python -m experiments.segment --config=configs/demo.py --workdir=/tmp/jaxseg_demo
 
 No ground truth, so no mIoU: metrics.json holds the foreground statistics and the
-timings. With --config.model.weights=random nothing is downloaded (a smoke run whose
-masks are meaningless). Runtime, measured cold (new workdir, empty XLA cache, weights
-download not included) with --config.model.weights=random on 2 CPU cores: 1 min 41 s wall
-for the 6 photos (load average 2.4 rising to 7 from other jobs on the machine), 2.2 GB
-peak memory; refinement (CRF compilation, 2 size buckets) 40 s, features 18 s, descriptors
-16 s. A second run (new workdir) with the XLA cache warm (--xla_cache_dir, 1.5 MB after the
-first run) took 54 s (refinement 14 s) at load average 6.
+timings. The real run downloads the DINOv2 ViT-S/14 weights on first use; with
+--config.model.weights=random nothing is downloaded (the offline smoke run, whose masks
+are meaningless). Runtime of that smoke run, cold (new workdir, empty XLA cache), measured
+once on 2026-12-07 on 2 CPU cores that other jobs kept busy (load average 9 to 13): about
+6 min wall for the 6 photos, 1.2 GB peak memory. A quiet machine takes a fraction of that.
 """
 
 from configs import _base

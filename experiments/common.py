@@ -3,13 +3,38 @@
 import importlib.util
 import io
 import json
+import logging
 import pathlib
+import sys
 
 import numpy as np
 import PIL.Image
 import PIL.PngImagePlugin
 
 from jaxseg._files import atomic_write_bytes  # noqa: F401  (re-exported: the binaries write through it)
+
+class _NoTpuProbeLine(logging.Filter):
+  """Drops jax's "Unable to initialize backend 'tpu'" line, which every run on a machine without TPUs printed."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return not record.getMessage().startswith("Unable to initialize backend 'tpu'")
+
+
+# jax probes for libtpu.so whatever the machine; on a TPU host the backend starts and this line never comes.
+logging.getLogger("jax._src.xla_bridge").addFilter(_NoTpuProbeLine())
+
+_HELP_FLAGS = ("help", "?", "helpshort", "helpfull", "helpxml")
+
+
+def run_with_help_exit_zero(run) -> None:
+  """run() (e.g. errors.run_main(main)), with absl's exit status 1 after a help the user asked for made 0."""
+  try:
+    run()
+  except SystemExit as e:
+    if e.code == 1 and any(arg.lstrip("-").split("=")[0] in _HELP_FLAGS for arg in sys.argv[1:]):
+      sys.exit(0)
+    raise
+
 
 # Programs that compile faster than this stay out of the persistent XLA cache. jax's default, 1 s, kept
 # or dropped the refinement programs (0.9-1.3 s each on 2 cores) by how busy the machine was.

@@ -1,4 +1,4 @@
-"""The segment runner: the method of DESIGN.md over a whole split, as the graph of passes in experiments/passes.
+"""The segment runner: the method of docs/design.md over a whole split, as the graph of passes in experiments/passes.
 
     result = runner.run(config, workdir)   # = workdir/metrics.json
 

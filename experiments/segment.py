@@ -25,7 +25,7 @@ from experiments import distributed
 from experiments import errors
 from experiments import runner
 from experiments import validation
-from experiments.common import load_config_file, use_xla_cache
+from experiments.common import load_config_file, run_with_help_exit_zero, use_xla_cache
 
 _DEFAULT_CONFIG = pathlib.Path(__file__).resolve().parents[1] / "configs" / "demo.py"
 _CONFIG = errors.define_config_file(
@@ -41,6 +41,7 @@ _XLA_CACHE = flags.DEFINE_string(
 _XLA_CACHE_MAX_MB = flags.DEFINE_integer("xla_cache_max_mb", 2048, "Bound on the XLA compilation cache's disk use, "
                                          "in MB (-1: unbounded).", lower_bound=-1)
 flags.mark_flags_as_required(["workdir"])
+flags.declare_key_flag("config")  # --help lists --config, with every config field, beside --workdir
 
 
 def main(argv):
@@ -70,4 +71,4 @@ def summary(result: dict) -> str:
 
 
 if __name__ == "__main__":
-  errors.run_main(main)
+  run_with_help_exit_zero(lambda: errors.run_main(main))

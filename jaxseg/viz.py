@@ -62,18 +62,34 @@ def overlay(image: np.ndarray, labels: np.ndarray, alpha: float = 0.5,
   return np.clip(np.rint(blended), 0, 255).astype(np.uint8)
 
 
+# Background (label 0) in galleries: a neutral grey, so that solid label colours stand out and black
+# (VOC's background colour) is not mistaken for a dark class.
+NEUTRAL = (208, 208, 208)
+# Each panel is shown this large on its longer side, whatever the size of its file.
+PANEL_SIDE = 480
+
+
+def gallery_palette(palette: np.ndarray = VOC_PALETTE) -> np.ndarray:
+  """[L, 3] uint8: palette with entry 0 (background) replaced by NEUTRAL, for solid label panels."""
+  palette = np.array(palette, np.uint8)
+  palette[0] = NEUTRAL
+  return palette
+
+
 class GalleryRow(NamedTuple):
   """One image of a gallery.
 
   Attributes:
     id: image id, shown as the row title.
-    score: e.g. per-image mIoU in [0, 1]; None if unknown (no ground truth).
+    score: the ordering key of worst_first, e.g. per-image IoU in [0, 1]; None if unknown.
     images: one entry per column: PNG bytes (embedded) or a file name relative
       to the HTML file (linked).
+    notes: lines shown under the id, e.g. ("foreground 51.2%", "IoU 43.0%").
   """
   id: str
   score: float | None
   images: Sequence[bytes | str]
+  notes: Sequence[str] = ()
 
 
 def _source(image: bytes | str) -> str:
@@ -91,10 +107,19 @@ def _legend_html(legend: Sequence[tuple[int, str]], palette: np.ndarray) -> str:
   return '<h2>Legend</h2>\n<ul class="legend">' + "".join(items) + "</ul>\n"
 
 
-def gallery_html(rows: Iterable[GalleryRow], columns: Sequence[str] = ("image", "ground truth", "prediction"), *,
+_STYLE = ("body{font-family:sans-serif;background:#fff}"
+          f"img{{width:{PANEL_SIDE}px;height:{PANEL_SIDE}px;object-fit:contain;image-rendering:pixelated}}"
+          "td,th{padding:4px;vertical-align:top;text-align:left}.notes{font-weight:normal}"
+          ".banner{background:#b00;color:#fff;padding:8px;font-weight:bold}"
+          ".legend{list-style:none;padding:0}.legend li{display:inline-block;margin-right:16px}"
+          ".swatch{display:inline-block;width:18px;height:18px;margin-right:4px;border:1px solid #444;"
+          "vertical-align:middle}")
+
+
+def gallery_html(rows: Iterable[GalleryRow], columns: Sequence[str] = ("image", "prediction", "ground truth"), *,
                  title: str = "jaxseg gallery", worst_first: bool = True, legend: Sequence[tuple[int, str]] = (),
                  banner: str | None = None, palette: np.ndarray = VOC_PALETTE) -> str:
-  """A self-contained HTML page showing each row's images side by side.
+  """A self-contained HTML page showing each row's images side by side, each PANEL_SIDE px on its longer side.
 
   Args:
     rows: GalleryRow per image, each with len(columns) images.
@@ -102,10 +127,10 @@ def gallery_html(rows: Iterable[GalleryRow], columns: Sequence[str] = ("image", 
     title: page title.
     worst_first: order rows by ascending score (None last, ties by id);
       False keeps the given order.
-    legend: (label, name) pairs; each is listed with its palette colour (e.g.
-      (3, "cluster 2") or (15, "person")).
+    legend: (palette index, name) pairs, listed as "index: name" with the
+      palette colour (e.g. (0, "background"), (15, "person")).
     banner: a warning shown in red above everything (e.g. random weights).
-    palette: [L, 3] uint8 colours of the legend's labels.
+    palette: [L, 3] uint8 colours of the legend's entries.
 
   Returns:
     The HTML document.
@@ -119,17 +144,13 @@ def gallery_html(rows: Iterable[GalleryRow], columns: Sequence[str] = ("image", 
   head = "".join(f"<th>{html.escape(c)}</th>" for c in columns)
   body = []
   for row in rows:
-    score = "n/a" if row.score is None else f"{100 * row.score:.1f}%"
+    notes = "".join(f'<br><span class="notes">{html.escape(note)}</span>' for note in row.notes)
     cells = "".join(f'<td><img src="{_source(image)}" alt="{html.escape(column, quote=True)}"></td>'
                     for image, column in zip(row.images, columns))
-    body.append(f"<tr><th>{html.escape(str(row.id))}<br>{score}</th>{cells}</tr>")
+    body.append(f"<tr><th>{html.escape(str(row.id))}{notes}</th>{cells}</tr>")
   return (f"<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\"><title>{html.escape(title)}</title>\n"
-          "<style>body{font-family:sans-serif}img{max-width:320px;max-height:320px}"
-          "td,th{padding:4px;vertical-align:top}.banner{background:#b00;color:#fff;padding:8px;font-weight:bold}"
-          ".legend{list-style:none;padding:0}.legend li{display:inline-block;margin-right:12px}"
-          ".swatch{display:inline-block;width:14px;height:14px;margin-right:4px;border:1px solid #444;"
-          "vertical-align:middle}</style></head>\n<body>"
+          f"<style>{_STYLE}</style></head>\n<body>"
           + (f'<div class="banner">{html.escape(banner)}</div>\n' if banner else "")
           + f"<h1>{html.escape(title)}</h1>\n" + (_legend_html(legend, palette) if legend else "")
-          + f"<table>\n<tr><th>id / score</th>{head}</tr>\n"
+          + f"<table>\n<tr><th>id</th>{head}</tr>\n"
           + "\n".join(body) + "\n</table></body></html>\n")

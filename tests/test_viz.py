@@ -36,17 +36,25 @@ def test_colorize_and_overlay():
 
 def test_gallery_orders_worst_first_and_embeds_or_links():
   png = b"\x89PNG fake"
-  rows = [viz.GalleryRow("good", 0.9, ["a.png", png]), viz.GalleryRow("<bad>", 0.1, ["b.png", png]),
-          viz.GalleryRow("no-gt", None, ["c.png", png])]
+  rows = [viz.GalleryRow("good", 0.9, ["a.png", png], ["IoU 90.0%"]), viz.GalleryRow("<bad>", 0.1, ["b.png", png]),
+          viz.GalleryRow("no-gt", None, ["c.png", png], ["foreground 5.0%", "<b>"])]
   page = viz.gallery_html(rows, columns=("image", "prediction"))
   assert page.index("&lt;bad&gt;") < page.index("good") < page.index("no-gt")
-  assert "<bad>" not in page
+  assert "<bad>" not in page and "<b>" not in page
   assert 'src="a.png"' in page and base64.b64encode(png).decode() in page
-  assert "10.0%" in page and "n/a" in page
+  assert page.index("good") < page.index("IoU 90.0%") < page.index("no-gt") < page.index("foreground 5.0%")
   given = viz.gallery_html(rows, columns=("image", "prediction"), worst_first=False)
   assert given.index("good") < given.index("&lt;bad&gt;")
   with pytest.raises(ValueError, match="columns"):
     viz.gallery_html(rows)
+
+
+def test_gallery_palette_shows_background_grey():
+  palette = viz.gallery_palette()
+  assert tuple(palette[0]) == viz.NEUTRAL and len(set(viz.NEUTRAL)) == 1  # grey: no hue to read as a class
+  assert tuple(map(tuple, palette[1:])) == tuple(map(tuple, viz.VOC_PALETTE[1:]))
+  assert viz.NEUTRAL not in {tuple(c) for c in viz.VOC_PALETTE}
+  assert tuple(viz.VOC_PALETTE[0]) == (0, 0, 0)  # the module's palette is left as VOC's
 
 
 def test_gallery_legend_and_banner():

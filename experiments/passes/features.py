@@ -67,7 +67,8 @@ def run(ctx: RunContext) -> None:
   batches = jaxseg.data.batches(ctx.source, batch_size=ctx.config.batch_size, image_size=ctx.config.image_size,
                                 patch_size=ctx.vit.patch_size, indices=np.concatenate([ctx.chunk(c) for c in todo]),
                                 mean=ctx.vit.mean, std=ctx.vit.std)
-  for c, batch in zip(todo, tqdm.tqdm(batches, total=len(todo), desc=NAME, unit="batch")):
+  # tqdm outside the zip: zip stops at todo's end before asking the bar for its last step
+  for c, batch in tqdm.tqdm(zip(todo, batches), total=len(todo), desc=NAME, unit="batch"):
     images, valid = ctx.on_devices((batch["image"], batch["valid"]))
     features, tokens = _encode_batch(params, images, valid, vit=ctx.vit, feature=ctx.method.feature,
                                      dtype=dtype, keep_tokens=tokens_kept)

@@ -75,7 +75,7 @@ def _regions(ctx: RunContext, image_id: str) -> tuple[np.ndarray, int]:
 
 
 def run_descriptors(ctx: RunContext) -> None:
-  """One descriptor per foreground region of every image (DESIGN.md stage 6)."""
+  """One descriptor per foreground region of every image (docs/design.md stage 6)."""
   size = ctx.config.image_size
   descriptor = ctx.method.descriptor
   if descriptor != "pooled":

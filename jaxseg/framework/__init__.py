@@ -2,7 +2,7 @@
 
 Pure stage functions (arrays and a static MethodConfig in, arrays out); the
 runner composes them streaming over a split, `segment_features` composes them
-in memory. See DESIGN.md, stages 0-6.
+in memory. See docs/design.md, stages 0-6.
 """
 
 from jaxseg.framework.config import CRFConfig

@@ -12,7 +12,7 @@ DESCRIPTORS = ("crop", "masked", "pooled")
 
 @dataclasses.dataclass(frozen=True)
 class CRFConfig:
-  """Dense CRF parameters (DESIGN.md stage 5; the values widely used on VOC).
+  """Dense CRF parameters (docs/design.md stage 5; the values widely used on VOC).
 
   iterations = 0 skips the CRF: the mask is then the upsampled probability > 0.5.
   max_side: an image whose longer side exceeds it is refined at a copy scaled
@@ -47,7 +47,7 @@ class CRFConfig:
 
 @dataclasses.dataclass(frozen=True)
 class MethodConfig:
-  """Every choice of the method (DESIGN.md stages 0-6).
+  """Every choice of the method (docs/design.md stages 0-6).
 
   Attributes:
     feature: last-block feature clustered per patch: "q", "k" (default, the
