@@ -113,16 +113,11 @@ def bilateral_features(image: jnp.ndarray, sxy: float, srgb: float) -> jnp.ndarr
   return jnp.concatenate([gaussian_features(height, width, sxy), colour], axis=-1)
 
 
-# Bilateral lattice points per pixel measured on photographs: 0.01-0.12 with the default
-# parameters, 0.1-1.12 with VOC's. The blur's cost follows the rung, so rungs are dense
-# there; 6 (= d+1) can never overflow. Each rung compiles its own copy of the inference.
-_BILATERAL_RUNGS_PER_PIXEL = (6.0, 1.5, 1.0, 0.5, 0.125)
-
-
 def bilateral_capacities(num_pixels: int) -> Tuple[int, ...]:
-  """Descending static capacities of the bilateral lattice of an image of num_pixels pixels."""
-  rungs = sorted({max(1, int(np.ceil(num_pixels * per_pixel))) for per_pixel in _BILATERAL_RUNGS_PER_PIXEL})
-  return tuple(reversed(rungs))
+  """Descending static capacities dense_crf switches among for the bilateral lattice of num_pixels pixels:
+  lattice.SWITCHED_RUNGS of the capacity ladder (photos need 0.01-0.12 points per pixel with the default
+  parameters, 0.1-1.35 with VOC's)."""
+  return lattice_lib.capacity_ladder(num_pixels, 5, lattice_lib.SWITCHED_RUNGS)
 
 
 def symmetric_norm(lattice: Lattice, valid: Optional[jnp.ndarray] = None) -> jnp.ndarray:
