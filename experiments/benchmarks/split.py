@@ -122,6 +122,7 @@ def worker(kind: str, num_images: int = NUM_IMAGES, batch_size: int = 1, warm: b
     refine_with_stats()
     warm_seconds = time.perf_counter() - start
   return dict(seconds=seconds, warm_seconds=warm_seconds, programs=refiner.num_programs,
+              capacities={int(k): list(v) for k, v in refiner.capacities.items()},
               compile_seconds=spent["compile"], trace_seconds=spent["trace"], peak_rss_mb=peak_rss_mb,
               fg_pixels=[int(masks[i].sum()) for i in range(len(split))])
 
@@ -171,7 +172,7 @@ def _versus_reference(num_images: int) -> dict:
   ref_s, ref_fg = reference_seconds("many", num_images)
   agree = np.mean(np.abs(np.asarray(many["fg_pixels"]) - ref_fg) / np.maximum(ref_fg, 1))
   row(f"split refine {num_images} sizes vs pydensecrf (s)", many["seconds"], ref_s,
-      extra=f"cold, {many['programs']} programs (compile {many['compile_seconds']:.2f} s, trace and lowering "
+      extra=f"cold, {many['programs']} programs, capacities per canvas {many['capacities']} (compile {many['compile_seconds']:.2f} s, trace and lowering "
             f"{many['trace_seconds']:.2f} s); mean |d fg pixels| {agree:.2e}")
   row(f"split refine {num_images} sizes warm vs pydensecrf (s)", many["warm_seconds"], ref_s,
       extra="the same process again: what each further image costs")
