@@ -2,8 +2,8 @@
 and numpy counts."""
 
 import os
-import re
 import pathlib
+import re
 import subprocess
 import sys
 import textwrap
@@ -16,6 +16,8 @@ import skimage.transform
 
 from jaxseg import framework
 from jaxseg.crf import dense_crf
+from jaxseg.crf import inference
+from jaxseg.crf import lattice
 from jaxseg.framework import refine_pack
 from jaxseg.framework import refine_programs
 from jaxseg.framework import refine_resize
@@ -129,6 +131,9 @@ def test_overflow_forced_through_tiny_capacities_gives_the_ample_masks():
   ample = framework.Refiner(params, options)
   want = dict(ample.stream(items))
   (canvas, (gaussian, bilateral)), = ample.capacities.items()
+  # Rungs of the one ladder, which dense_crf's switched capacities are also drawn from.
+  assert gaussian in lattice.capacity_ladder(canvas, 2) and bilateral in lattice.capacity_ladder(canvas, 5)
+  assert set(inference.bilateral_capacities(canvas)) <= set(lattice.capacity_ladder(canvas, 5))
   # Seeded too small: the counted points move the canvas's capacities up before the CRF runs.
   seeded = framework.Refiner(params, options)
   seeded.capacities[canvas] = (16, 16)
@@ -246,7 +251,6 @@ _RSS_CHILD = textwrap.dedent("""
     sys.path.insert(0, {root!r})
     from tests.test_refine import make_items
     from jaxseg import framework
-from jaxseg.crf import dense_crf
     items = make_items({sizes!r})
     options = framework.RefineOptions(batch_size=2)
     for _ in framework.refine_stream(items, framework.CRFParams(iterations=3), options):
