@@ -170,14 +170,20 @@ def test_two_refiners_share_no_state():
 
 def test_program_bound_over_a_split_of_many_sizes_read_from_the_refiner(monkeypatch):
   compiles = []
-  jax.monitoring.register_event_duration_secs_listener(
-      lambda event, seconds, **_: compiles.append(event) if event == "/jax/core/compile/backend_compile_duration"
-      else None)
+
+  def listen(event, seconds, **_):
+    if event == "/jax/core/compile/backend_compile_duration":
+      compiles.append(seconds)
+
+  jax.monitoring.register_event_duration_secs_listener(listen)
   sizes = [(30 + 3 * i, 60 - 2 * i) for i in range(14)]
   params, options = framework.CRFParams(iterations=2), framework.RefineOptions(canvas_pixels=8192)
   refiner = framework.Refiner(params, options)
   batches = packing_spy(monkeypatch)
-  masks = dict(refiner.stream(make_items(sizes, seed=60)))
+  try:
+    masks = dict(refiner.stream(make_items(sizes, seed=60)))
+  finally:
+    jax.monitoring.unregister_event_duration_listener(listen)
   assert sorted(masks) == list(range(len(sizes))) and len(batches) > 1
   # One prepare program per canvas size and one CRF program per capacity pair it ran at: far fewer than sizes.
   assert refiner.num_programs <= 3 < len(sizes), refiner.programs
