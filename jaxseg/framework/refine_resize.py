@@ -48,6 +48,8 @@ def resize_linear(array: np.ndarray, size: tuple[int, int]) -> np.ndarray:
   """[H, W, ...] float32 of array [h, w, ...]: jax.image.resize(array, (H, W, ...), "linear") to float rounding."""
   array = np.asarray(array, np.float32)
   rows, cols = linear_weights(array.shape[0], size[0]), linear_weights(array.shape[1], size[1])
+  if array.ndim == 2:
+    return rows @ array @ cols.T
   out = np.tensordot(rows, array, axes=(1, 0))  # [H, w, ...]
   return np.moveaxis(np.tensordot(cols, out, axes=(1, 1)), 0, 1)
 
@@ -98,9 +100,8 @@ def level_stats(level_scores: np.ndarray, fg_prob: np.ndarray, refined: np.ndarr
     fg_pixels [5] int64; counts [5, 2] int64 (zeros when truth is None).
   """
   size = refined.shape
-  grids = np.concatenate([np.asarray(level_scores, np.float32), np.asarray(fg_prob, np.float32)[None]])
-  masks = np.concatenate([np.moveaxis(resize_linear(np.moveaxis(grids, 0, -1), size), -1, 0) > 0.5,
-                          np.asarray(refined, bool)[None]])  # [5, H, W]
+  grids = [*np.asarray(level_scores, np.float32), np.asarray(fg_prob, np.float32)]
+  masks = np.stack([resize_linear(grid, size) > 0.5 for grid in grids] + [np.asarray(refined, bool)])  # [5, H, W]
   fg_pixels = masks.sum(axis=(1, 2), dtype=np.int64)
   if truth is None:
     return fg_pixels, np.zeros((len(FG_LEVELS), 2), np.int64)
