@@ -76,7 +76,7 @@ def max_points(num_inputs: int, dim: int) -> int:
 # The one capacity ladder, in lattice points per input point (descending, at most 1.5x apart); N*(d+1) is
 # always the top rung. dense_crf switches among a few of them at run time (SWITCHED_RUNGS: every switched
 # rung is a branch compiled); the refinement's canvases pick one on the host from counted points.
-LADDER_PER_POINT = (4.0, 3.0, 2.0, 1.5, 1.0, 0.75, 0.5, 0.375, 0.25, 0.1875, 0.125, 0.09375, 0.0625)
+LADDER_PER_POINT = (4.0, 3.0, 2.0, 1.5, 1.25, 1.0, 0.75, 0.5, 0.375, 0.25, 0.1875, 0.125, 0.09375, 0.0625)
 SWITCHED_RUNGS = (1.5, 1.0, 0.5, 0.125)
 
 
