@@ -49,7 +49,7 @@ def resize_linear(array: np.ndarray, size: tuple[int, int]) -> np.ndarray:
   array = np.asarray(array, np.float32)
   rows, cols = linear_weights(array.shape[0], size[0]), linear_weights(array.shape[1], size[1])
   if array.ndim == 2:
-    return rows @ array @ cols.T
+    return rows @ array @ np.ascontiguousarray(cols.T)
   out = np.tensordot(rows, array, axes=(1, 0))  # [H, w, ...]
   return np.moveaxis(np.tensordot(cols, out, axes=(1, 1)), 0, 1)
 
