@@ -1,7 +1,9 @@
-"""framework.refine_stream (images packed into canvases, batched) against jax.image.resize, pydensecrf and numpy counts."""
+"""framework.refine_batch / Refiner (images packed into canvases, batched) against jax.image.resize, pydensecrf
+and numpy counts."""
 
 import os
 import pathlib
+import re
 import subprocess
 import sys
 import textwrap
@@ -13,209 +15,251 @@ import skimage.data
 import skimage.transform
 
 from jaxseg import framework
+from jaxseg.crf import dense_crf
+from jaxseg.crf import inference
+from jaxseg.crf import lattice
+from jaxseg.framework import refine_pack
+from jaxseg.framework import refine_programs
+from jaxseg.framework import refine_resize
 
-refine_lib = sys.modules["jaxseg.framework.refine"]
+refine_lib = sys.modules["jaxseg.framework.refine"]  # framework.refine is the function
 pytest.importorskip("pydensecrf.densecrf")
 from experiments.benchmarks.crf import reference_crf  # noqa: E402
 
-CRF = framework.CRFConfig()
+PARAMS = framework.CRFParams()
 GRID = (8, 10)
 
 
-def crf_params(crf):
-  return dict(gaussian_sxy=crf.gaussian_sxy, gaussian_weight=crf.gaussian_weight, bilateral_sxy=crf.bilateral_sxy,
-              bilateral_srgb=crf.bilateral_srgb, bilateral_weight=crf.bilateral_weight)
-
-
-def make_item(key, size, seed, with_truth=True, photo="chelsea"):
-  rng = np.random.default_rng(seed)
+def make_image(size, photo="chelsea"):
   image = skimage.transform.resize(getattr(skimage.data, photo)(), size, anti_aliasing=True)
-  image = (image * 255).round().astype(np.uint8)
-  field = lambda: skimage.transform.resize(rng.random((3, 4)), GRID, order=1).astype(np.float32)
-  truth = None
-  if with_truth:
-    truth = (skimage.transform.resize(rng.random((4, 4)), size, order=1) > 0.5).astype(np.uint8) * 7
-    truth[:2] = 255
-  return framework.RefineItem(key=key, image=image, fg_prob=field(), level_scores=np.stack([field() for _ in range(3)]),
-                              truth=truth)
+  return (image * 255).round().astype(np.uint8)
 
 
-def expected(item, crf=CRF):
-  """Independent computation: jax.image.resize upsampling, pydensecrf argmax, numpy counts."""
-  size = item.image.shape[:2]
-  resize = lambda grid: np.asarray(jax.image.resize(grid, size, method="linear"))
-  probs = [resize(s) for s in item.level_scores] + [resize(item.fg_prob)]
-  p = np.clip(probs[3], 1e-5, 1 - 1e-5)
-  unary = -np.log(np.stack([1 - p, p], axis=-1)).astype(np.float32)
-  refined = reference_crf(item.image, unary, crf.iterations, **crf_params(crf)).argmax(-1) == 1
-  return [prob > 0.5 for prob in probs] + [refined]
+def make_prob(seed, grid=GRID):
+  rng = np.random.default_rng(seed)
+  return skimage.transform.resize(rng.random((3, 4)), grid, order=1).astype(np.float32)
 
 
-def numpy_counts(masks, truth):
-  if truth is None:
-    return np.zeros((len(masks), 2), np.int64)
-  counted, gt = truth != 255, (truth != 255) & (truth != 0)
-  return np.array([[np.sum(m & gt & counted), np.sum((m | gt) & counted)] for m in masks], np.int64)
+def make_items(sizes, seed=0, photo="chelsea"):
+  return [framework.RefineItem(i, make_image(size, photo), make_prob(seed + i)) for i, size in enumerate(sizes)]
 
 
-def test_upsample_flat_equals_jax_image_resize():
-  rng = np.random.default_rng(0)
-  grids = rng.random((2, 7, 9)).astype(np.float32)
-  upsample = jax.jit(refine_lib.upsample_flat, static_argnums=2)
-  for height, width in [(7, 9), (8, 31), (50, 9), (123, 77)]:
-    flat = np.asarray(upsample(grids, np.array([height, width], np.int32), 128 * 128))
-    for k in range(2):
-      want = np.asarray(jax.image.resize(grids[k], (height, width), method="linear"))
-      np.testing.assert_allclose(flat[k, :height * width].reshape(height, width), want, atol=1e-6)
+def expected(image, fg_prob, params=PARAMS, max_side=0):
+  """Independent computation: jax.image.resize (image antialiased, probability linear), pydensecrf argmax,
+  the mask scaled back by nearest (numpy index arithmetic)."""
+  size = image.shape[:2]
+  work = size
+  if max_side and max(size) > max_side:
+    scale = max_side / max(size)
+    work = (max(1, round(size[0] * scale)), max(1, round(size[1] * scale)))
+  work_image = np.asarray(jax.image.resize(image.astype(np.float32), work + (3,), "linear", antialias=True))
+  work_image = np.clip(np.round(work_image), 0, 255).astype(np.uint8)
+  p = np.asarray(jax.image.resize(fg_prob, work, method="linear"))
+  if not params.iterations:
+    mask = p > 0.5
+  else:
+    p = np.clip(p, 1e-5, 1 - 1e-5)
+    unary = -np.log(np.stack([1 - p, p], axis=-1)).astype(np.float32)
+    mask = reference_crf(work_image, unary, params.iterations, gaussian_sxy=params.gaussian_sxy,
+                         gaussian_weight=params.gaussian_weight, bilateral_sxy=params.bilateral_sxy,
+                         bilateral_srgb=params.bilateral_srgb, bilateral_weight=params.bilateral_weight
+                         ).argmax(-1) == 1
+  rows = ((np.arange(size[0]) + 0.5) * work[0] / size[0]).astype(int)
+  cols = ((np.arange(size[1]) + 0.5) * work[1] / size[1]).astype(int)
+  return mask[rows[:, None], cols[None, :]]
 
 
 def packing_spy(monkeypatch):
-  """Records, for every batch refine_stream runs, the keys of the images in each canvas."""
+  """Records, for every batch a Refiner runs, the keys of the images in each canvas."""
   batches = []
-  run = refine_lib._run_canvases
+  run = refine_lib.Refiner._refine
 
-  def spy(canvases, *args):
-    batches.append([[item.key for item in canvas.items] for canvas in canvases])
-    return run(canvases, *args)
+  def spy(self, canvases, rows):
+    batches.append([[work.key for work in canvas.works] for canvas in canvases])
+    return run(self, canvases, rows)
 
-  monkeypatch.setattr(refine_lib, "_run_canvases", spy)
+  monkeypatch.setattr(refine_lib.Refiner, "_refine", spy)
   return batches
 
 
-@pytest.mark.slow
-def test_stream_of_many_sizes_matches_independent_computation_in_few_programs(monkeypatch):
-  # 18 sizes, all packed into canvases of crf.canvas_pixels; the last item has no truth.
-  sizes = [(64 + 3 * i, 100 - 2 * i) for i in range(9)] + [(100 + 3 * i, 130 - 2 * i) for i in range(9)]
-  items = [make_item(i, size, seed=i, with_truth=i != len(sizes) - 1) for i, size in enumerate(sizes)]
-  canvases = {refine_lib.canvas_size(h * w, CRF.canvas_pixels) for h, w in sizes}
-  assert canvases == {CRF.canvas_pixels}
+def test_refine_batch_of_mixed_sizes_matches_pydensecrf_image_by_image_in_order(monkeypatch):
+  # 130 x 90 is above max_side (refined at 100 x 69); 6 x 7 is smaller than the patch grid (resized down).
+  params, options = framework.CRFParams(iterations=5), framework.RefineOptions(max_side=100)
+  sizes = [(40, 50), (130, 90), (61, 83), (6, 7), (30, 20)]
+  images = [make_image(size, photo) for size, photo in zip(sizes, ["chelsea", "coffee"] * 3)]
+  probs = [make_prob(i) for i in range(len(sizes))]
   batches = packing_spy(monkeypatch)
-  before = framework.refine_programs()
-  results = dict(framework.refine_stream(items, CRF))
-  compiled = framework.refine_programs() - before
-  per_canvas = [len(canvas) for batch in batches for canvas in batch]
-  assert sum(per_canvas) == len(sizes) and max(per_canvas) > 1  # images shared canvases
-  assert sorted(results) == list(range(len(sizes)))
-  for item in items:
-    got, masks = results[item.key], expected(item)
-    assert got.mask.shape == item.image.shape[:2] and got.mask.dtype == bool
-    assert np.mean(got.mask == masks[4]) >= 0.995
-    np.testing.assert_array_equal(got.fg_pixels, [int(m.sum()) for m in masks[:4]] + [int(got.mask.sum())])
-    np.testing.assert_array_equal(got.counts, numpy_counts(masks[:4] + [got.mask], item.truth))
-  # The static bound, canvas sizes x (1 + Gaussian rungs x bilateral rungs), and what a split of fewer than
-  # a few canvases compiles: one prepare and one CRF program per canvas size, far fewer than sizes.
-  bound = sum(1 + len(refine_lib.bilateral_rungs(c)) * len(refine_lib.gaussian_rungs(c, CRF.gaussian_sxy))
-              for c in canvases)
-  assert compiled <= min(bound, 2 * len(canvases)) < len(sizes), (compiled, bound)
+  masks = framework.refine_batch(images, np.stack(probs), params, options)
+  assert batches == [[[0, 1, 2, 3, 4]]]  # one canvas, one program pair, in order of arrival
+  assert [m.shape for m in masks] == sizes and all(m.dtype == bool for m in masks)
+  for image, prob, mask in zip(images, probs, masks):
+    np.testing.assert_array_equal(mask, expected(image, prob, params, max_side=100))
 
 
-@pytest.mark.slow
-def test_batch_mixing_sizes_in_one_canvas_matches_pydensecrf_image_by_image(monkeypatch):
-  sizes = [(150, 210), (140, 200), (128, 250)]
-  items = [make_item(i, size, seed=10 + i, photo="coffee") for i, size in enumerate(sizes)]
+@pytest.mark.parametrize("bad", [np.float32, np.uint16, "gray", "rgba"])
+def test_images_that_are_not_uint8_rgb_are_refused_naming_dtype_and_shape(bad):
+  image = make_image((20, 30))
+  if bad == "gray":
+    image = image[..., 0]
+  elif bad == "rgba":
+    image = np.concatenate([image, image[..., :1]], axis=-1)
+  else:
+    image = image.astype(bad) / (255 if bad == np.float32 else 1)  # [0, 1] floats; uint16 as 8-bit values
+    image = image.astype(bad)
+  message = f"image 0 must be uint8 RGB [H, W, 3], got {image.dtype} {image.shape}"
+  with pytest.raises(ValueError, match=re.escape(message)):
+    framework.refine_batch([image], [make_prob(0)], PARAMS)
+  with pytest.raises(ValueError, match="image 'a' must be uint8"):
+    list(framework.refine_stream([("a", image, make_prob(0))], PARAMS))
+  with pytest.raises(ValueError, match="image must be (uint8|\\[H, W, 3\\])"):  # as dense_crf refuses them
+    dense_crf(image, np.zeros(image.shape[:2] + (2,), np.float32))
+
+
+def test_bad_probabilities_and_counts_are_refused_naming_the_image():
+  image, prob = make_image((20, 30)), make_prob(0)
+  with pytest.raises(ValueError, match="fg_prob of image 0 has 1 non-finite"):
+    framework.refine_batch([image], [np.where(np.arange(prob.size).reshape(prob.shape) == 3, np.nan, prob)])
+  with pytest.raises(ValueError, match="fg_prob of image 0 must be float \\[h, w\\]"):
+    framework.refine_batch([image], [prob[None]])
+  with pytest.raises(ValueError, match="2 images but 1 fg_prob"):
+    framework.refine_batch([image, image], [prob])
+
+
+def test_overflow_forced_through_tiny_capacities_gives_the_ample_masks():
+  params, options = framework.CRFParams(iterations=3), framework.RefineOptions(canvas_pixels=4096)
+  items = make_items([(40, 50), (44, 52)], seed=40)
+  ample = framework.Refiner(params, options)
+  want = dict(ample.stream(items))
+  (canvas, (gaussian, bilateral)), = ample.capacities.items()
+  # Rungs of the one ladder, which dense_crf's switched capacities are also drawn from.
+  assert gaussian in lattice.capacity_ladder(canvas, 2) and bilateral in lattice.capacity_ladder(canvas, 5)
+  assert set(inference.bilateral_capacities(canvas)) <= set(lattice.capacity_ladder(canvas, 5))
+  # Seeded too small: the counted points move the canvas's capacities up before the CRF runs.
+  seeded = framework.Refiner(params, options)
+  seeded.capacities[canvas] = (16, 16)
+  got = dict(seeded.stream(items))
+  assert seeded.capacities[canvas] == (gaussian, bilateral)
+  # Forced to run too small: the marginals come out non-finite, and the batch runs again at rungs that hold it.
+  forced = framework.Refiner(params, options)
+  forced.choose_capacities = lambda pixels, num_points: (gaussian // 2, bilateral // 2)
+  got_forced = dict(forced.stream(items))
+  for key in want:
+    assert want[key].any() and not want[key].all()
+    np.testing.assert_array_equal(got[key], want[key])
+    np.testing.assert_array_equal(got_forced[key], want[key])
+  assert ("crf", canvas, (gaussian // 2, bilateral // 2)) in forced.programs
+  assert forced.capacities[canvas][0] >= gaussian and forced.capacities[canvas][1] >= bilateral
+
+
+def test_two_refiners_share_no_state():
+  items = make_items([(40, 50)], seed=50)
+  first = framework.Refiner(framework.CRFParams(iterations=3), framework.RefineOptions(canvas_pixels=4096))
+  second = framework.Refiner(framework.CRFParams(iterations=0), framework.RefineOptions(canvas_pixels=4096))
+  dict(first.stream(items))
+  assert first.num_programs == 2 and first.capacities
+  assert second.num_programs == 0 and not second.capacities
+  mask, = dict(second.stream(items)).values()
+  np.testing.assert_array_equal(mask, expected(items[0].image, items[0].fg_prob, second.params))
+  assert second.num_programs == 0 and not second.capacities  # no CRF: no program
+  # No module-level mutable state in the refinement modules.
+  for module in (refine_lib, refine_pack, refine_programs, refine_resize):
+    mutable = [name for name, value in vars(module).items()
+               if isinstance(value, (dict, list, set)) and not name.startswith("__")]
+    assert not mutable, (module.__name__, mutable)
+
+
+def test_program_bound_over_a_split_of_many_sizes_read_from_the_refiner(monkeypatch):
+  compiles = []
+
+  def listen(event, seconds, **_):
+    if event == "/jax/core/compile/backend_compile_duration":
+      compiles.append(seconds)
+
+  jax.monitoring.register_event_duration_secs_listener(listen)
+  sizes = [(30 + 3 * i, 60 - 2 * i) for i in range(14)]
+  params, options = framework.CRFParams(iterations=2), framework.RefineOptions(canvas_pixels=8192)
+  refiner = framework.Refiner(params, options)
   batches = packing_spy(monkeypatch)
-  prepared_before = refine_lib._prepare._cache_size()
-  results = dict(framework.refine_stream(items, CRF, batch_size=3))
-  assert batches == [[[0, 1, 2]]]  # one canvas holds all three
-  assert refine_lib._prepare._cache_size() - prepared_before <= 1  # one batch, one program
-  for item in items:
-    assert np.mean(results[item.key].mask == expected(item)[4]) >= 0.995
+  try:
+    masks = dict(refiner.stream(make_items(sizes, seed=60)))
+  finally:
+    jax.monitoring.unregister_event_duration_listener(listen)
+  assert sorted(masks) == list(range(len(sizes))) and len(batches) > 1
+  # One prepare program per canvas size and one CRF program per capacity pair it ran at: far fewer than sizes.
+  assert refiner.num_programs <= 3 < len(sizes), refiner.programs
+  assert {key[1] for key in refiner.programs} == {8192}
+  assert len(compiles) <= refiner.num_programs  # nothing else compiled per size (some may come from jax's cache)
 
 
-@pytest.mark.parametrize("batch_size", [1, 3])
-def test_one_and_several_canvases_per_device_match_pydensecrf(monkeypatch, batch_size):
-  # batch_size 1: one row per device, refined directly; 3: rows mapped one by one, the padding row skipped.
-  crf = framework.CRFConfig(iterations=3, canvas_pixels=4096)
-  items = [make_item(i, size, seed=30 + i) for i, size in enumerate([(40, 50), (41, 48), (38, 52)])]
-  batches = packing_spy(monkeypatch)
-  results = dict(framework.refine_stream(items, crf, batch_size=batch_size))
-  assert sorted(map(sorted, sum(batches, []))) == [[0, 1], [2]]  # two canvases; with 3 rows, one padding row
-  for item in items:
-    masks = expected(item, crf)
-    got = results[item.key]
-    assert np.mean(got.mask == masks[4]) >= 0.995
-    np.testing.assert_array_equal(got.fg_pixels, [int(m.sum()) for m in masks[:4]] + [int(got.mask.sum())])
-    np.testing.assert_array_equal(got.counts, numpy_counts(masks[:4] + [got.mask], item.truth))
-
-
-def test_packed_images_refine_exactly_as_each_alone(monkeypatch):
-  # Overlapping positions and colours (crops of one photo): only the lattices' image word keeps them apart.
-  crf = framework.CRFConfig(iterations=3)
-  items = [make_item(i, size, seed=20 + i) for i, size in enumerate([(40, 50), (44, 52), (40, 50), (37, 61)])]
-  batches = packing_spy(monkeypatch)
-  packed = dict(framework.refine_stream(items, crf))
-  assert batches == [[[0, 1, 2, 3]]]
-  for item in items:
-    (_, alone), = framework.refine_stream([item], crf)
-    np.testing.assert_array_equal(packed[item.key].mask, alone.mask)
-    np.testing.assert_array_equal(packed[item.key].fg_pixels, alone.fg_pixels)
-    np.testing.assert_array_equal(packed[item.key].counts, alone.counts)
+def test_no_crf_thresholds_the_resized_probability():
+  items = make_items([(40, 50), (7, 5)], seed=70)
+  masks = framework.refine_batch([i.image for i in items], [i.fg_prob for i in items], framework.CRFParams(iterations=0))
+  for item, mask in zip(items, masks):
+    np.testing.assert_array_equal(mask, expected(item.image, item.fg_prob, framework.CRFParams(iterations=0)))
 
 
 def test_canvases_fill_first_fit_and_flush_the_fullest(monkeypatch):
   # 150,000 and 180,000 pixels: one big per canvas of 262,144 (no two fit); 60 x 50 ones fill the gaps.
-  crf = framework.CRFConfig(iterations=0, canvas_pixels=1 << 18)
-  big = [make_item(f"big{i}", (360 if i == 1 else 300, 500), seed=i) for i in range(5)]
-  small = [make_item(f"small{i}", (60, 50), seed=i) for i in range(3)]
+  options = framework.RefineOptions(canvas_pixels=1 << 18)
+  big = [(f"big{i}", make_image((360 if i == 1 else 300, 500)), make_prob(i)) for i in range(5)]
+  small = [(f"small{i}", make_image((60, 50)), make_prob(i)) for i in range(3)]
   batches = packing_spy(monkeypatch)
-  results = dict(framework.refine_stream(big[:4] + small + big[4:], crf))
+  results = dict(framework.refine_stream(big[:4] + small + big[4:], framework.CRFParams(iterations=0), options))
   # 4 canvases open (batch rows + 3); the smalls go into the first with room, big0's (159,000 pixels then);
   # big4 finds no room and flushes the fullest canvas, big1's; the rest go at the end, fullest first.
   assert batches == [[["big1"]], [["big0", "small0", "small1", "small2"]], [["big2"]], [["big3"]], [["big4"]]], batches
-  assert sorted(results) == sorted(item.key for item in big + small)
+  assert sorted(results) == sorted(key for key, _, _ in big + small)
 
 
-def test_a_canvas_takes_images_while_their_lattices_fit_its_largest_rung(monkeypatch):
+def test_a_canvas_takes_images_while_their_lattices_fit_and_a_thin_strip_gets_a_larger_canvas(monkeypatch):
   # 1 x 128 strips at sxy 0.8 need up to 474 Gaussian cells each (3.7 per pixel): 25 fill the 3 x 4,096 of a
   # 4,096-pixel canvas, though 32 would fit its pixels and slots. Each still refines as it does alone.
-  crf = framework.CRFConfig(iterations=2, canvas_pixels=4096, gaussian_sxy=0.8)
+  params, options = framework.CRFParams(iterations=2, gaussian_sxy=0.8), framework.RefineOptions(canvas_pixels=4096)
   rng = np.random.default_rng(5)
   photo = skimage.data.chelsea()
-  items = [framework.RefineItem(key=i, image=np.ascontiguousarray(photo[8 * i:8 * i + 1, :128]),
-                                fg_prob=rng.random((1, 2)).astype(np.float32),
-                                level_scores=rng.random((3, 1, 2)).astype(np.float32), truth=None) for i in range(30)]
+  items = [(i, np.ascontiguousarray(photo[8 * i:8 * i + 1, :128]), rng.random((1, 2)).astype(np.float32))
+           for i in range(30)]
   batches = packing_spy(monkeypatch)
-  packed = dict(framework.refine_stream(items, crf))
+  packed = dict(framework.refine_stream(items, params, options))
   assert [len(canvas) for batch in batches for canvas in batch] == [25, 5]
-  for item in items[:2] + items[-2:]:
-    (_, alone), = framework.refine_stream([item], crf)
-    np.testing.assert_array_equal(packed[item.key].mask, alone.mask)
-  # A 1 x 4,096 strip needs up to 14,788 cells, more than any 4,096-pixel canvas holds: it runs at its own size.
-  long_strip = items[0]._replace(image=np.tile(items[0].image, (1, 32, 1)))
-  assert refine_lib._canvas_of(items[0], crf) == 4096 and refine_lib._canvas_of(long_strip, crf) is None
+  for key, image, prob in items[:1] + items[-1:]:
+    np.testing.assert_array_equal(packed[key], expected(image, prob, params))
+  # A 1 x 4,096 strip needs up to 14,788 cells, more than a 4,096-pixel canvas holds: it gets 8,192 pixels.
+  assert refine_pack.canvas_size(1, 128, 4096, 0.8) == 4096 and refine_pack.canvas_size(1, 4096, 4096, 0.8) == 8192
 
 
-def test_single_image_refine_and_no_crf(monkeypatch):
-  item = make_item(0, (40, 50), seed=3, with_truth=False)
-  canvases = []
-  run = refine_lib._run_canvases
-  monkeypatch.setattr(refine_lib, "_run_canvases", lambda c, *a: canvases.append(c[0].pixels) or run(c, *a))
-  mask = framework.refine(item.image, item.fg_prob, CRF)
-  assert mask.shape == (40, 50) and np.mean(mask == expected(item)[4]) >= 0.995
-  assert canvases == [4096]  # 2,000 pixels: its own small canvas, not one of crf.canvas_pixels
-  no_crf = framework.CRFConfig(iterations=0)
-  (_, got), = framework.refine_stream([item], no_crf)
-  fused = expected(item, framework.CRFConfig(iterations=1))[3]
-  np.testing.assert_array_equal(got.mask, fused)
-  np.testing.assert_array_equal(got.counts, np.zeros((5, 2)))
+def test_level_stats_against_jax_image_resize_and_numpy_counts():
+  rng = np.random.default_rng(8)
+  scores, prob = rng.random((3, 8, 10)).astype(np.float32), make_prob(80)
+  refined = rng.random((37, 53)) > 0.5
+  truth = (rng.random((37, 53)) > 0.5).astype(np.uint8) * 7
+  truth[:3] = 255
+  masks = [np.asarray(jax.image.resize(g, (37, 53), method="linear")) > 0.5 for g in [*scores, prob]] + [refined]
+  counted, gt = truth != 255, (truth != 255) & (truth != 0)
+  fg_pixels, counts = framework.level_stats(scores, prob, refined, truth)
+  np.testing.assert_array_equal(fg_pixels, [m.sum() for m in masks])
+  np.testing.assert_array_equal(counts, [[np.sum(m & gt), np.sum((m | gt) & counted)] for m in masks])
+  _, no_truth = framework.level_stats(scores, prob, refined, None)
+  np.testing.assert_array_equal(no_truth, np.zeros((5, 2)))
+  with pytest.raises(ValueError, match="truth must be \\[H, W\\] = \\(37, 53\\)"):
+    framework.level_stats(scores, prob, refined, truth[:5])
 
 
-def test_bad_items_raise_naming_the_key():
-  item = make_item("img7", (20, 30), seed=0)
-  with pytest.raises(ValueError, match="img7.*level_scores"):
-    list(framework.refine_stream([item._replace(level_scores=item.level_scores[:2])], CRF))
-  with pytest.raises(ValueError, match="img7.*truth"):
-    list(framework.refine_stream([item._replace(truth=item.truth[:5])], CRF))
+@pytest.mark.parametrize("src, dst", [((8, 10), (37, 53)), ((32, 32), (20, 9)), ((50, 40, 3), (17, 33, 3))])
+def test_resize_linear_is_jax_image_resize(src, dst):
+  array = np.random.default_rng(9).random(src).astype(np.float32)
+  np.testing.assert_allclose(refine_resize.resize_linear(array, dst[:2]),
+                             jax.image.resize(array, dst, method="linear"), atol=2e-6)
 
 
 _RSS_CHILD = textwrap.dedent("""
     import resource, sys
     sys.path.insert(0, {root!r})
-    from tests.test_refine import make_item
+    from tests.test_refine import make_items
     from jaxseg import framework
-    sizes = {sizes!r}
-    items = [make_item(i, size, seed=i) for i, size in enumerate(sizes)]
-    for _ in framework.refine_stream(items, framework.CRFConfig(iterations=3), batch_size=2):
+    items = make_items({sizes!r})
+    options = framework.RefineOptions(batch_size=2)
+    for _ in framework.refine_stream(items, framework.CRFParams(iterations=3), options):
       pass
     print("RSS", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
 """)
@@ -237,43 +281,7 @@ def test_peak_rss_does_not_grow_with_the_number_of_sizes():
   many = [(int(h), int(w)) for h, w in zip(rng.permutation(np.arange(130, 180, 3))[:16], rng.integers(129, 180, 16))]
   few = [((130, 130), (150, 170), (179, 179))[i % 3] for i in range(16)]
   assert len(set(many)) == 16
-  canvas = lambda sizes: {refine_lib.canvas_size(h * w, CRF.canvas_pixels) for h, w in sizes}
+  canvas = lambda sizes: {refine_pack.canvas_size(h, w, 3 << 17, PARAMS.gaussian_sxy) for h, w in sizes}
   assert canvas(many) == canvas(few)
   rss_many, rss_few = _peak_rss_kb(many), _peak_rss_kb(few)
   assert rss_many <= 1.15 * rss_few, (rss_many, rss_few)
-
-
-def test_a_dense_first_canvas_gets_a_bilateral_rung_near_its_headroom():
-  canvas = CRF.canvas_pixels
-  rungs = refine_lib.bilateral_rungs(canvas)
-  assert rungs[0] == 6 * canvas and all(a <= 1.5 * b + 1 for a, b in zip(rungs, rungs[1:])), rungs
-  program = ("test_dense_first_canvas", object())  # a key no stream uses
-  for per_pixel in (0.4, 0.8, 1.4):
-    gaussian, bilateral = refine_lib._capacities(
-        program, (refine_lib.gaussian_rungs(canvas, CRF.gaussian_sxy), rungs), (canvas, int(per_pixel * canvas)))
-    refine_lib._COMPILED.pop(program)
-    # x1.4 headroom, then the next rung at most 1.5x above: never a blur of 3x the points or more.
-    assert 1.4 * per_pixel * canvas <= bilateral <= 2.1 * per_pixel * canvas, (per_pixel, bilateral / canvas)
-
-
-def test_capacities_reuse_compiled_pairs_until_a_tight_one_pays(monkeypatch):
-  monkeypatch.setattr(refine_lib, "_RECOMPILE_EXCESS", 3.0)
-  rungs, program = ((400, 200, 100), (800, 400, 200, 100)), ("test_capacities", object())  # a key no stream uses
-  picks = [refine_lib._capacities(program, rungs, n) for n in
-           [(90, 90), (90, 90), (150, 250), (90, 90), (90, 90), (300, 300), (90, 90)]]
-  assert picks == [
-      (200, 200),  # nothing compiled: headroom (x1.15, x1.4) over the tight (100, 100)
-      (200, 200),  # reused; (100, 100) wanted, 1 in excess (400 rows for 200)
-      (200, 400),  # (200, 200) does not hold 250 bilateral points: compiled with headroom (173, 350)
-      (200, 200),  # the smaller of the two that hold it; (100, 100) wanted, 2 in excess
-      (100, 100),  # 3 in excess: compiled
-      (400, 800),  # nothing holds it: headroom (345, 420)
-      (100, 100),
-  ], picks
-  # A canvas past every rung gets the largest (it never overflows: the largest rungs are N (d+1)).
-  assert refine_lib._capacities(program, rungs, (10 ** 6, 10 ** 6)) == (400, 800)
-  # A want weighs its excess rows: (100, 100) run at (200, 400) is 2 in excess, (200, 100) 1.
-  program = ("test_capacities_excess", object())
-  assert refine_lib._capacities(program, rungs, (90, 150)) == (200, 400)  # headroom (104, 210)
-  picks = [refine_lib._capacities(program, rungs, n) for n in [(90, 90), (150, 90), (90, 90), (150, 90), (150, 90)]]
-  assert picks == [(200, 400), (200, 400), (100, 100), (200, 400), (200, 100)], picks

@@ -8,8 +8,8 @@ dense_crf(..., gaussian=)), as a loop over images of one size does; the extra
 column times dense_crf building it on every call. Each row takes the best of
 ROUNDS rounds, each of which runs all three in turn. The last rows time
 a first call of dense_crf at a new image size (trace, compile and run): it
-compiles per (H, W); the refinement stage pads to pixel buckets instead (see
-the split benchmark).
+compiles per (H, W); the refinement stage packs images into canvases of a few
+pixel counts instead (see the split benchmark).
 """
 
 import functools

@@ -5,7 +5,8 @@ own size (sides 180-500, as PASCAL VOC), and the same images in VOC's 3
 commonest sizes. Fused probabilities and level scores are smooth random fields
 on a 32 x 32 patch grid (448 px, patch 14); truth maps threshold another field
 with a 255 border, as VOC's ignore band. Each split is refined whole by
-framework.refine_stream (CRFConfig defaults: VOC parameters, 10 iterations) in
+a framework.Refiner (CRFParams defaults: VOC parameters, 10 iterations), with
+framework.level_stats of each mask as the runner computes them, in
 its own fresh subprocess with no persistent XLA cache, so compilation counts;
 pydensecrf refines the same images from the same unaries in this process.
 
@@ -14,7 +15,7 @@ compiling and tracing; then the same split again in the same process, warm;
 then a fresh process whose persistent XLA cache an earlier one filled, as a
 rerun of segment with its default --xla_cache_dir),
 many vs 3 sizes (seconds and peak RSS of the subprocess), and the number of
-refinement programs compiled. Last rows refine LARGE_NUM_IMAGES images of as
+refinement programs the Refiner ran (each compiled once). Last rows refine LARGE_NUM_IMAGES images of as
 many sizes (sides 180-500) the same way: the programs' compile cost is fixed
 per split (a few seconds), so it amortises over a real split.
 
@@ -55,7 +56,7 @@ def _smooth_field(rng, shape, cells=(4, 4)) -> np.ndarray:
 
 
 def items(kind: str, num_images: int = NUM_IMAGES):
-  """The split as framework.RefineItem's (deterministic)."""
+  """The split as (framework.RefineItem, level scores [3, h, w], truth [H, W]) triples (deterministic)."""
   import skimage.data
   import skimage.transform
 
@@ -72,8 +73,8 @@ def items(kind: str, num_images: int = NUM_IMAGES):
     scores = np.stack([np.clip(fg_prob + 0.2 * (_smooth_field(rng, GRID) - 0.5), 0, 1) for _ in range(3)])
     truth = (_smooth_field(rng, (height, width)) > 0.5).astype(np.uint8) * (1 + i % 20)
     truth[:3], truth[-3:], truth[:, :3], truth[:, -3:] = 255, 255, 255, 255
-    out.append(framework.RefineItem(key=i, image=np.ascontiguousarray(image), fg_prob=fg_prob,
-                                    level_scores=scores.astype(np.float32), truth=truth))
+    out.append((framework.RefineItem(key=i, image=np.ascontiguousarray(image), fg_prob=fg_prob),
+                scores.astype(np.float32), truth))
   return out
 
 
@@ -103,18 +104,27 @@ def worker(kind: str, num_images: int = NUM_IMAGES, batch_size: int = 1, warm: b
 
   jax.monitoring.register_event_duration_secs_listener(listen)
   split = items(kind, num_images)
+  refiner = framework.Refiner(framework.CRFParams(), framework.RefineOptions(batch_size=batch_size))
+
+  def refine_with_stats() -> dict:
+    masks = dict(refiner.stream(item for item, _, _ in split))
+    for item, scores, truth in split:
+      framework.level_stats(scores, item.fg_prob, masks[item.key], truth)
+    return masks
+
   start = time.perf_counter()
-  results = dict(framework.refine_stream(split, framework.CRFConfig(), batch_size=batch_size))
+  masks = refine_with_stats()
   seconds = time.perf_counter() - start
   peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
   warm_seconds = None
   if warm:
     start = time.perf_counter()
-    dict(framework.refine_stream(split, framework.CRFConfig(), batch_size=batch_size))
+    refine_with_stats()
     warm_seconds = time.perf_counter() - start
-  return dict(seconds=seconds, warm_seconds=warm_seconds, programs=framework.refine_programs(),
+  return dict(seconds=seconds, warm_seconds=warm_seconds, programs=refiner.num_programs,
+              capacities={int(k): list(v) for k, v in refiner.capacities.items()},
               compile_seconds=spent["compile"], trace_seconds=spent["trace"], peak_rss_mb=peak_rss_mb,
-              fg_pixels=[int(results[i].fg_pixels[-1]) for i in range(len(split))])
+              fg_pixels=[int(masks[i].sum()) for i in range(len(split))])
 
 
 def spawn(kind: str, num_images: int = NUM_IMAGES, batch_size: int = 1, cache_dir: str | None = None,
@@ -143,12 +153,12 @@ def reference_seconds(kind: str, num_images: int = NUM_IMAGES) -> tuple[float, l
   import jax
   from experiments.benchmarks.crf import reference_crf
   from jaxseg import framework
-  crf = framework.CRFConfig()
+  crf = framework.CRFParams()
   params = dict(gaussian_sxy=crf.gaussian_sxy, gaussian_weight=crf.gaussian_weight, bilateral_sxy=crf.bilateral_sxy,
                 bilateral_srgb=crf.bilateral_srgb, bilateral_weight=crf.bilateral_weight)
   unaries = []
   with jax.default_device(jax.devices("cpu")[0]):
-    for item in items(kind, num_images):
+    for item, _, _ in items(kind, num_images):
       prob = framework.upsample(item.fg_prob, item.image.shape[:2])
       unaries.append((item.image, np.asarray(framework.unary_from_prob(prob))))
   start = time.perf_counter()
@@ -162,7 +172,7 @@ def _versus_reference(num_images: int) -> dict:
   ref_s, ref_fg = reference_seconds("many", num_images)
   agree = np.mean(np.abs(np.asarray(many["fg_pixels"]) - ref_fg) / np.maximum(ref_fg, 1))
   row(f"split refine {num_images} sizes vs pydensecrf (s)", many["seconds"], ref_s,
-      extra=f"cold, {many['programs']} programs (compile {many['compile_seconds']:.2f} s, trace and lowering "
+      extra=f"cold, {many['programs']} programs, capacities per canvas {many['capacities']} (compile {many['compile_seconds']:.2f} s, trace and lowering "
             f"{many['trace_seconds']:.2f} s); mean |d fg pixels| {agree:.2e}")
   row(f"split refine {num_images} sizes warm vs pydensecrf (s)", many["warm_seconds"], ref_s,
       extra="the same process again: what each further image costs")

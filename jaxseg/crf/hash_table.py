@@ -33,7 +33,7 @@ class HashTable(NamedTuple):
 
 
 # Every index into the table, the keys and the lattice is non-negative: without jnp's wrap-around of negative
-# indices (a select per index, which XLA hoists out of loops as a kernel of its own, ~10 ms of compiling each).
+# indices (a select per index, which XLA hoists out of loops as a kernel of its own to compile).
 NONNEGATIVE = dict(wrap_negative_indices=False)
 
 
@@ -55,9 +55,9 @@ def _home_slot(keys: jnp.ndarray, log2_size: int) -> jnp.ndarray:
   return ((h * _GOLDEN) >> np.uint32(32 - log2_size)).astype(jnp.int32)
 
 
-# XLA's cumsum on CPU is a tree of reduce-windows, about 10 ms for a million flags, each level a kernel to
-# compile; in blocks of this many, a [B, B] triangular matmul per block, then the same on the block totals
-# (down to one small matmul) take a third of that, and half the compiling.
+# XLA's cumsum on CPU is a tree of reduce-windows, each level a kernel to run and compile; in blocks of this
+# many, a [B, B] triangular matmul per block, then the same on the block totals (down to one small matmul),
+# is quicker to run and to compile.
 _COUNT_BLOCK = 32
 
 

@@ -113,16 +113,11 @@ def bilateral_features(image: jnp.ndarray, sxy: float, srgb: float) -> jnp.ndarr
   return jnp.concatenate([gaussian_features(height, width, sxy), colour], axis=-1)
 
 
-# Bilateral lattice points per pixel measured on photographs: 0.01-0.12 with the default
-# parameters, 0.1-1.12 with VOC's. The blur's cost follows the rung, so rungs are dense
-# there; 6 (= d+1) can never overflow. Each rung compiles its own copy of the inference.
-_BILATERAL_RUNGS_PER_PIXEL = (6.0, 1.5, 1.0, 0.5, 0.125)
-
-
 def bilateral_capacities(num_pixels: int) -> Tuple[int, ...]:
-  """Descending static capacities of the bilateral lattice of an image of num_pixels pixels."""
-  rungs = sorted({max(1, int(np.ceil(num_pixels * per_pixel))) for per_pixel in _BILATERAL_RUNGS_PER_PIXEL})
-  return tuple(reversed(rungs))
+  """Descending static capacities dense_crf switches among for the bilateral lattice of num_pixels pixels:
+  lattice.SWITCHED_RUNGS of the capacity ladder (photos need 0.01-0.12 points per pixel with the default
+  parameters, 0.1-1.35 with VOC's)."""
+  return lattice_lib.capacity_ladder(num_pixels, 5, lattice_lib.SWITCHED_RUNGS)
 
 
 def symmetric_norm(lattice: Lattice, valid: Optional[jnp.ndarray] = None) -> jnp.ndarray:
@@ -131,22 +126,14 @@ def symmetric_norm(lattice: Lattice, valid: Optional[jnp.ndarray] = None) -> jnp
   valid: optional [N] bool, the points that count: the others splat nothing and get norm 0,
   so that they take no part in any later filter either.
   """
-  return _norm_of(lattice_filter(lattice, _valid_ones(lattice.offsets.shape[0], valid)), valid)
+  if valid is None:
+    return jax.lax.rsqrt(lattice_filter(lattice, jnp.ones((lattice.offsets.shape[0], 1), jnp.float32)) + 1e-20)
+  norm = jax.lax.rsqrt(lattice_filter(lattice, valid.astype(jnp.float32)[:, None]) + 1e-20)
+  return jnp.where(valid[:, None], norm, 0.0)
 
 
-def _valid_ones(num_inputs: int, valid: Optional[jnp.ndarray]) -> jnp.ndarray:
-  """[N, 1] float32: 1 on valid points, 0 elsewhere (all 1 when valid is None)."""
-  return jnp.ones((num_inputs, 1), jnp.float32) if valid is None else valid.astype(jnp.float32)[:, None]
-
-
-def _norm_of(filtered_ones: jnp.ndarray, valid: Optional[jnp.ndarray]) -> jnp.ndarray:
-  """symmetric_norm from K 1 ([N, 1])."""
-  norm = jax.lax.rsqrt(filtered_ones + 1e-20)
-  return norm if valid is None else jnp.where(valid[:, None], norm, 0.0)
-
-
-# Up to this many labels, a softmax over unrolled columns is one vectorised loop; XLA's
-# reduction over a short minor axis was 10x slower at 2 labels, and faster from about 16.
+# Up to this many labels, a softmax over unrolled columns is one vectorised loop: XLA's reduction over a
+# short minor axis runs far slower (see the crf benchmark's history), and catches up at about 16 labels.
 _UNROLLED_SOFTMAX_LABELS = 16
 
 
@@ -164,10 +151,10 @@ def mean_field(unary: jnp.ndarray, lattices, weights, iterations: int,
                valid: Optional[jnp.ndarray] = None) -> jnp.ndarray:
   """Q = softmax(-U); then `iterations` times Q = softmax(-U + sum_k w_k n_k K_k(n_k Q)), n_k = symmetric_norm.
 
-  With two labels each kernel filters one channel: K(n q0) = K(n) - K(n q1),
-  K(n) filtered once (q0 + q1 = 1, so results move at the 1e-7 level only).
-  The norms and K(n) are then two more steps of the same loop, so that each
-  kernel's filter is compiled once (it is most of the program).
+  Each step: normalise (n_k Q), filter (K_k), weigh by the Potts compatibility
+  (w_k n_k), add to -U, softmax. With two labels each kernel filters one
+  channel: q0 = 1 - q1, so K(n q0) = K(n) - K(n q1), with K(n) filtered once
+  (results move at the 1e-7 level only); a filter is most of the work.
 
   Args:
     unary: [N, L] float32.
@@ -180,9 +167,8 @@ def mean_field(unary: jnp.ndarray, lattices, weights, iterations: int,
   """
   if not iterations:
     return label_softmax(-unary)
+  norms = [symmetric_norm(lattice, valid) for lattice in lattices]
   if unary.shape[-1] != 2:
-    norms = [symmetric_norm(lattice, valid) for lattice in lattices]
-
     def step(_, q):
       logits = -unary
       for lattice, norm, weight in zip(lattices, norms, weights):
@@ -191,35 +177,20 @@ def mean_field(unary: jnp.ndarray, lattices, weights, iterations: int,
 
     return jax.lax.fori_loop(0, iterations, step, label_softmax(-unary))
 
-  num_inputs = unary.shape[0]
-  ones = _valid_ones(num_inputs, valid)
-  negated = [-unary[:, :1], -unary[:, 1:]]
+  filtered_norms = [lattice_filter(lattice, norm) for lattice, norm in zip(lattices, norms)]  # K(n)
 
-  def staged_step(i, state):
-    """Step 0 filters the valid pixels (-> the norms), step 1 the norms (-> K(n)), then mean field.
-
-    Labels are [N, 1] columns, and the state is d = logit1 - logit0 (all that Q depends on) and q1:
-    [N, 2] arrays (a concatenation per kernel, a softmax over a minor axis of 2) took 5-8% longer.
-    """
-    (difference, q1), norms, filtered_norms = state
-    (logit0, logit1), new_norms, new_filtered_norms = negated, [], []
+  def two_label_step(_, difference):
+    """The step above on d = logit1 - logit0 [N, 1], all that Q depends on (labels as columns)."""
+    q1 = _two_label_softmax(difference)[1]
+    logit0, logit1 = -unary[:, :1], -unary[:, 1:]
     for lattice, norm, filtered_norm, weight in zip(lattices, norms, filtered_norms, weights):
-      values = jnp.where(i == 0, ones, jnp.where(i == 1, norm, q1))
-      filtered_fg = scaled_filter(lattice, values, jnp.where(i >= 2, norm, 1.0))
-      norm = jnp.where(i == 0, _norm_of(filtered_fg, valid), norm)
-      filtered_norm = jnp.where(i == 1, filtered_fg, filtered_norm)
+      filtered_fg = scaled_filter(lattice, q1, norm)
       message = np.float32(weight) * norm
       logit0 = logit0 + message * (filtered_norm - filtered_fg)
       logit1 = logit1 + message * filtered_fg
-      new_norms.append(norm)
-      new_filtered_norms.append(filtered_norm)
-    difference = jnp.where(i >= 2, logit1 - logit0, difference)
-    return (difference, _two_label_softmax(difference)[1]), new_norms, new_filtered_norms
+    return logit1 - logit0
 
-  zeros = [jnp.zeros((num_inputs, 1), jnp.float32)] * len(lattices)
-  # q1 is first read at step 2; step 0 sets it from the initial difference, softmax(-U).
-  (difference, _), _, _ = jax.lax.fori_loop(0, iterations + 2, staged_step,
-                                            ((negated[1] - negated[0], zeros[0]), zeros, zeros))
+  difference = jax.lax.fori_loop(0, iterations, two_label_step, unary[:, :1] - unary[:, 1:])
   return jnp.concatenate(_two_label_softmax(difference), axis=-1)
 
 

@@ -7,7 +7,7 @@ back with the same weights and scale by alpha = 1 / (1 + 2^-d).
 
 The number of lattice points M is data dependent while XLA shapes are static.
 A lattice is sized for a static capacity C (N*(d+1) by default, which can never
-overflow) and carries a static ladder of smaller capacities C, C/4, C/16, ...;
+overflow) and carries smaller capacities from the capacity ladder (capacity_ladder);
 each filter runs (through lax.switch) at the smallest rung that holds M, and
 the neighbour search runs chunk by chunk in a loop whose trip count follows M.
 Build once per feature set, then filter any number of value arrays.
@@ -27,8 +27,6 @@ import numpy as np
 from jaxseg.crf import hash_table
 from jaxseg.crf.simplex import enclosing_simplices
 
-_LADDER_FACTOR = 4
-_LADDER_MIN = 2048
 _SEARCH_CHUNK = 8192
 _SPLAT_CHUNK = 8192
 
@@ -75,12 +73,19 @@ def max_points(num_inputs: int, dim: int) -> int:
   return num_inputs * (dim + 1)
 
 
-def capacity_ladder(capacity: int) -> Tuple[int, ...]:
-  """C, C/4, C/16, ... down to about 2048 (descending, static)."""
-  rungs = [capacity]
-  while rungs[-1] // _LADDER_FACTOR >= _LADDER_MIN:
-    rungs.append(-(-rungs[-1] // _LADDER_FACTOR))
-  return tuple(rungs)
+# The one capacity ladder, in lattice points per input point (descending, at most 1.5x apart); N*(d+1) is
+# always the top rung. dense_crf switches among a few of them at run time (SWITCHED_RUNGS: every switched
+# rung is a branch compiled); the refinement's canvases pick one on the host from counted points.
+LADDER_PER_POINT = (4.0, 3.0, 2.0, 1.5, 1.25, 1.0, 0.75, 0.5, 0.375, 0.25, 0.1875, 0.125, 0.09375, 0.0625)
+SWITCHED_RUNGS = (1.5, 1.0, 0.5, 0.125)
+
+
+def capacity_ladder(num_inputs: int, dim: int, per_point: Tuple[float, ...] = LADDER_PER_POINT) -> Tuple[int, ...]:
+  """Descending static capacities of the lattice of N points in d dimensions: N*(d+1) and N * per_point
+  (each of LADDER_PER_POINT, or of a subset of it such as SWITCHED_RUNGS) below it."""
+  top = max_points(num_inputs, dim)
+  rungs = {max(1, int(np.ceil(num_inputs * f))) for f in per_point}
+  return tuple(sorted({top} | {r for r in rungs if r < top}, reverse=True))
 
 
 def _rung(num_points: jnp.ndarray, capacities: Tuple[int, ...]) -> jnp.ndarray:
@@ -212,7 +217,8 @@ def build_lattice(features: jnp.ndarray, capacity: Optional[int] = None) -> Latt
   if not isinstance(num_points, jax.core.Tracer) and int(num_points) > capacity:
     raise ValueError(f"build_lattice: {int(num_points)} lattice points exceed capacity {capacity}; "
                      f"pass a larger capacity (N*(d+1) = {max_points(num_inputs, dim)} always suffices).")
-  return lattice_at(points, capacity, capacity_ladder(capacity))
+  rungs = capacity_ladder(num_inputs, dim, SWITCHED_RUNGS)
+  return lattice_at(points, capacity, (capacity,) + tuple(r for r in rungs if r < capacity))
 
 
 def _splat(lattice: Lattice, values: jnp.ndarray, rows: int, scale: Optional[jnp.ndarray] = None) -> jnp.ndarray:
@@ -220,7 +226,7 @@ def _splat(lattice: Lattice, values: jnp.ndarray, rows: int, scale: Optional[jnp
 
   Several channels: a chunk of points at a time, so that the [N, d+1, L] contributions never exist whole,
   nor does scale * values. One channel (the two-label filter, the norms): one scatter of all N*(d+1) rows,
-  a few MB; the chunk loop's steps cost 6-13% of a two-label dense_crf.
+  a few MB, without the chunk loop's steps.
   values: [N, L], scale: optional [N, 1] -> [rows, L].
   """
   num_inputs, num_values = values.shape

@@ -11,30 +11,45 @@ DESCRIPTORS = ("crop", "masked", "pooled")
 
 
 @dataclasses.dataclass(frozen=True)
-class CRFConfig:
-  """Dense CRF parameters (docs/design.md stage 5; the values widely used on VOC).
+class CRFParams:
+  """The dense CRF's parameters: they make the refined masks (docs/design.md stage 5; the values widely used on VOC).
 
   iterations = 0 skips the CRF: the mask is then the upsampled probability > 0.5.
-  max_side: an image whose longer side exceeds it is refined at a copy scaled
-  to that side (bilinear, antialiased) and the mask is scaled back (nearest),
-  which bounds the CRF's memory (a 4000 x 3000 photo would need ~15 GB);
-  0 = always at full resolution. VOC (<= 500) and COCO (<= 640) are never scaled.
-  Those images, and images smaller than the patch grid, are refined one by one
-  at their own size (one compilation per size); every other image is packed
-  with others into a canvas of canvas_pixels pixels (an image larger than
-  that gets a canvas of the next power of two, a size that compiles its own
-  programs) and refined in batches, so a split compiles at most canvas sizes
-  x (1 + capacity rungs) programs whatever its number of sizes (a VOC split:
-  one canvas size; 2 programs for a few dozen images, a few more over a
-  whole split, each compiled only once it pays for itself). Packing changes no
-  result: each image of a canvas is its own CRF. A canvas takes images while
-  the bounds of their Gaussian lattices fit 3 points per canvas pixel (only
-  strips a few pixels thin come near it; one too thin for any canvas runs at
-  its own size). A canvas's lattices take ~400 bytes per pixel while it is
-  refined. The default, 3 x 2^17, holds two
-  500 x 375 VOC photos (VOC-like splits fill ~93% of it, vs ~74% at 2^18);
-  COCO's config uses 2^20 (3 COCO photos, ~90%, and every COCO image fits).
   """
+  iterations: int = 10
+  gaussian_sxy: float = 1.0
+  gaussian_weight: float = 3.0
+  bilateral_sxy: float = 67.0
+  bilateral_srgb: float = 3.0
+  bilateral_weight: float = 4.0
+
+
+@dataclasses.dataclass(frozen=True)
+class RefineOptions:
+  """How refinement runs (framework.Refiner); canvas_pixels and batch_size change no result.
+
+  max_side: an image whose longer side exceeds it is refined at a copy scaled
+  to that side (bilinear, antialiased, as jax.image.resize) and the mask is
+  scaled back (nearest), which bounds the CRF's memory (a 4000 x 3000 photo
+  would need ~15 GB); 0 = always at full resolution. VOC (<= 500) and COCO
+  (<= 640) are never scaled. Unlike the other options it changes the masks of
+  the images above it, so fingerprints include it.
+  canvas_pixels: images are packed one after the other into flat canvases of
+  this many pixels (an image larger than that gets a canvas of the next power
+  of two), each image its own CRF. The default, 3 x 2^17, holds two 500 x 375
+  VOC photos; COCO's config uses 2^20 (3 COCO photos). A canvas's lattices
+  take ~400 bytes per pixel while it is refined.
+  batch_size: canvases refined at once (rounded up to the mesh's devices).
+  """
+  max_side: int = 1024
+  canvas_pixels: int = 3 << 17
+  batch_size: int = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class CRFConfig:
+  """The `crf` section of a config file: the CRF's parameters and the refinement's options in one flat
+  record, as users write them (`--config.crf.iterations=...`); .params and .options split it."""
   iterations: int = 10
   max_side: int = 1024
   canvas_pixels: int = 3 << 17
@@ -43,6 +58,14 @@ class CRFConfig:
   bilateral_sxy: float = 67.0
   bilateral_srgb: float = 3.0
   bilateral_weight: float = 4.0
+
+  @property
+  def params(self) -> CRFParams:
+    return CRFParams(**{f.name: getattr(self, f.name) for f in dataclasses.fields(CRFParams)})
+
+  @property
+  def options(self) -> RefineOptions:
+    return RefineOptions(max_side=self.max_side, canvas_pixels=self.canvas_pixels)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,7 +106,7 @@ class MethodConfig:
       iterations and relative tolerance (scikit-learn's defaults) for every
       k-means of the method; the 2-means of the category and image levels
       start from their parent's centroids, so run once.
-    crf: dense CRF parameters.
+    crf: the CRF's parameters and the refinement's options (crf.params, crf.options).
   """
   feature: str = "k"
   dataset_k: int = 2
