@@ -95,6 +95,7 @@ def recorded_root(workdir: pathlib.Path, name: str, root: str):
 
 
 def _changed(now: dict, before: dict) -> list[str]:
+  now = json.loads(json.dumps(now, default=str))  # as the manifest stored it: tuples are lists there
   return sorted(k for k in now.keys() | before.keys() if now.get(k) != before.get(k))
 
 
