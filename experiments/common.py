@@ -3,7 +3,6 @@
 import importlib.util
 import io
 import json
-import logging
 import pathlib
 import sys
 
@@ -13,15 +12,6 @@ import PIL.PngImagePlugin
 
 from jaxseg._files import atomic_write_bytes  # noqa: F401  (re-exported: the binaries write through it)
 
-class _NoTpuProbeLine(logging.Filter):
-  """Drops jax's "Unable to initialize backend 'tpu'" line, which every run on a machine without TPUs printed."""
-
-  def filter(self, record: logging.LogRecord) -> bool:
-    return not record.getMessage().startswith("Unable to initialize backend 'tpu'")
-
-
-# jax probes for libtpu.so whatever the machine; on a TPU host the backend starts and this line never comes.
-logging.getLogger("jax._src.xla_bridge").addFilter(_NoTpuProbeLine())
 
 _HELP_FLAGS = ("help", "?", "helpshort", "helpfull", "helpxml")
 

@@ -19,6 +19,7 @@ workdir lock) release on the way out and no half-written file is left.
 """
 
 import difflib
+import logging
 import re
 import signal
 import sys
@@ -29,6 +30,18 @@ from absl import flags
 from ml_collections import config_flags
 
 from jaxseg import models
+
+
+class _NoTpuProbeLine(logging.Filter):
+  """Drops jax's "Unable to initialize backend 'tpu'" line, which every run on a machine without TPUs printed."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return not record.getMessage().startswith("Unable to initialize backend 'tpu'")
+
+
+# jax probes for libtpu.so whatever the machine; on a TPU host the backend starts and this line never comes.
+logging.getLogger("jax._src.xla_bridge").addFilter(_NoTpuProbeLine())
+
 
 # The modules that read files the user hands in: their ValueError / OSError is about that file, not a bug.
 USER_INPUT_MODULES = ("jaxseg.data", "jaxseg.models.checkpoint", "jaxseg.models.pretrained", "jaxseg.models.convert")

@@ -54,7 +54,7 @@ def test_segment_help_shows_the_config_fields():
 
 def test_no_libtpu_line_without_tpus(tmp_path):
   # absl logging as in the binaries, and JAX left to probe every platform as a user's run does
-  script = ("from absl import app\nimport experiments.common\n"
+  script = ("from absl import app\nimport experiments.errors\n"
             "def main(_):\n  import jax\n  print(jax.devices())\napp.run(main)\n")
   env = {k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"}
   out = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
