@@ -49,15 +49,16 @@ class RefineOptions:
 @dataclasses.dataclass(frozen=True)
 class CRFConfig:
   """The `crf` section of a config file: the CRF's parameters and the refinement's options in one flat
-  record, as users write them (`--config.crf.iterations=...`); .params and .options split it."""
-  iterations: int = 10
-  max_side: int = 1024
-  canvas_pixels: int = 3 << 17
-  gaussian_sxy: float = 1.0
-  gaussian_weight: float = 3.0
-  bilateral_sxy: float = 67.0
-  bilateral_srgb: float = 3.0
-  bilateral_weight: float = 4.0
+  record, as users write them (`--config.crf.iterations=...`); .params and .options split it. The defaults
+  are CRFParams' and RefineOptions' own."""
+  iterations: int = CRFParams.iterations
+  max_side: int = RefineOptions.max_side
+  canvas_pixels: int = RefineOptions.canvas_pixels
+  gaussian_sxy: float = CRFParams.gaussian_sxy
+  gaussian_weight: float = CRFParams.gaussian_weight
+  bilateral_sxy: float = CRFParams.bilateral_sxy
+  bilateral_srgb: float = CRFParams.bilateral_srgb
+  bilateral_weight: float = CRFParams.bilateral_weight
 
   @property
   def params(self) -> CRFParams:
