@@ -7,8 +7,8 @@ No ground truth, so no mIoU: metrics.json holds the foreground statistics and th
 timings. The real run downloads the DINOv2 ViT-S/14 weights on first use; with
 --config.model.weights=random nothing is downloaded (the offline smoke run, whose masks
 are meaningless). Runtime of that smoke run, cold (new workdir, empty XLA cache), measured
-once on 2026-12-07 on 2 CPU cores that other jobs kept busy (load average 9 to 13): about
-6 min wall for the 6 photos, 1.2 GB peak memory. A quiet machine takes a fraction of that.
+on 2026-12-07 on 2 quiet CPU cores (load average 0.4 before it): 42-44 s wall for the 6
+photos, 1.2 GB peak memory.
 """
 
 from configs import _base
