@@ -45,6 +45,11 @@ KILL_AFTER = "JAXSEG_TEST_KILL_AFTER"
 ROOT = pathlib.Path(__file__).resolve().parents[1]  # the repository (or installed tree) Pass.code globs are in
 
 
+def _checksum(path: pathlib.Path) -> str:
+  with open(path, "rb") as f:
+    return hashlib.file_digest(f, "sha256").hexdigest()[:16]
+
+
 def code_hashes(globs: Sequence[str], root: pathlib.Path = ROOT) -> dict[str, str]:
   """{path relative to root: sha256 prefix of its bytes} of every file the globs name (a folder: its .py files).
 
@@ -58,7 +63,7 @@ def code_hashes(globs: Sequence[str], root: pathlib.Path = ROOT) -> dict[str, st
       raise ValueError(f"code_hashes: {pattern!r} names no file under {root}")
     for path in matched:
       files.update(path.rglob("*.py") if path.is_dir() else [path])
-  return {str(path.relative_to(root)): hashlib.sha256(path.read_bytes()).hexdigest()[:16] for path in sorted(files)}
+  return {str(path.relative_to(root)): _checksum(path) for path in sorted(files)}
 
 
 class Root(NamedTuple):
@@ -121,11 +126,6 @@ def _files(p, ctx: RunContext) -> list[pathlib.Path]:
 
 def _name(ctx: RunContext, path: pathlib.Path) -> str:
   return str(path.relative_to(ctx.workdir)) if path.is_relative_to(ctx.workdir) else str(path)
-
-
-def _checksum(path: pathlib.Path) -> str:
-  with open(path, "rb") as f:
-    return hashlib.file_digest(f, "sha256").hexdigest()[:16]
 
 
 def _record(p, ctx: RunContext) -> dict[str, list]:
